@@ -1,0 +1,396 @@
+"""The spec: one YAML file that says everything a post-training run needs.
+
+A pydantic model, so the same class validates YAML, feeds `posttrain validate`, and (later)
+the Prefect UI form. Every field carries its help text. Unknown keys are errors
+(`extra="forbid"`), because a misspelt key silently ignored is how spec drift starts.
+
+`load_spec(path)` returns a `Spec` or raises `SpecError`, whose `.problems` are lines of the
+form `field.path: what is wrong, and the fix` — never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ── where the data is ────────────────────────────────────────────────────────────────────────
+class Warehouse(_Strict):
+    url: str = Field(
+        description="SQLAlchemy URL of the warehouse. A relative sqlite path is resolved "
+        "against the spec file's folder.",
+    )
+    tables: dict[str, list[str]] = Field(
+        description="Allow-list: table -> columns an agent may read. Anything not listed "
+        "(e.g. the gold label column) is invisible to agents.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_has_scheme(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError(f"must be a SQLAlchemy URL like sqlite:///path.db, got {v!r}")
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _tables_non_empty(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not v:
+            raise ValueError("must allow at least one table")
+        for table, cols in v.items():
+            if not IDENTIFIER.match(table):
+                raise ValueError(f"table name {table!r} is not a plain SQL identifier")
+            if not cols:
+                raise ValueError(f"table {table!r} must allow at least one column")
+            for c in cols:
+                if not IDENTIFIER.match(c):
+                    raise ValueError(f"column {c!r} of {table!r} is not a plain SQL identifier")
+        return v
+
+
+class Slicing(_Strict):
+    table: str = Field(description="The allow-listed table to slice.")
+    id_column: str = Field("id", description="Primary key column (used for hashing and paging).")
+    method: Literal["group_by", "hash"] = Field(
+        "group_by", description="group_by: one slice per value of `column`; hash: `buckets` "
+        "slices by a hash of the id."
+    )
+    column: str | None = Field(None, description="Column to group by (method group_by).")
+    buckets: int = Field(8, description="Number of hash buckets (method hash).", ge=1)
+    max_rows_per_slice: int = Field(
+        200, ge=1, description="Row cap per slice: a larger group is split into several slices."
+    )
+
+    @model_validator(mode="after")
+    def _column_for_group_by(self) -> Slicing:
+        if self.method == "group_by" and not self.column:
+            raise ValueError("column: required when method is group_by")
+        return self
+
+
+# ── what an example looks like ───────────────────────────────────────────────────────────────
+class Task(_Strict):
+    kind: Literal["classification"] = Field(
+        "classification", description="The task family. Classification: one label per row."
+    )
+    description: str = Field(description="What the model must learn, in one or two sentences.")
+    labels: list[str] = Field(description="The closed label set.")
+    prompt_template: str = Field(
+        description="Python format string over the row's allow-listed columns, e.g. "
+        "'Title: {title}\\nLead: {body:.300}\\nTopic:'. Renders the training prompt.",
+    )
+    completion_template: str = Field(
+        " {label}", description="Format string for the completion; `{label}` is the label."
+    )
+    gold_column: str | None = Field(
+        None,
+        description="Column holding the true label. Never allow-listed: only the simulated "
+        "teacher and evaluation read it.",
+    )
+    example_kinds: list[Literal["sft"]] = Field(["sft"], description="Example kinds to write.")
+    skill: str = Field("label-examples", description="Skill folder under skills/ the agents follow.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError(f"must list at least 2 labels, got {len(v)}")
+        if len(set(v)) != len(v):
+            dup = sorted({x for x in v if v.count(x) > 1})
+            raise ValueError(f"labels must be unique, {', '.join(dup)} repeated")
+        for label in v:
+            if not label.strip() or label != label.strip():
+                raise ValueError(f"label {label!r} must be non-empty with no outer whitespace")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_parses(cls, v: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"is not a valid format string ({e})") from None
+        if not fields:
+            raise ValueError("must use at least one {column} from the row")
+        return v
+
+    def template_columns(self) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
+
+
+# ── who plays which part ─────────────────────────────────────────────────────────────────────
+class Teacher(_Strict):
+    provider: Literal["simulated", "openai"] = Field(
+        "simulated",
+        description="simulated: posttrain's local teacher server (announced as simulated); "
+        "openai: any OpenAI-compatible endpoint (OpenAI, MiniMax, vLLM, Ollama).",
+    )
+    model: str = Field("simulated-teacher", description="Model name sent to the provider.")
+    base_url: str | None = Field(None, description="Endpoint; the provider's default when unset.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    temperature: float = Field(0.2, ge=0.0, le=2.0, description="Sampling temperature.")
+    error_rate: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Simulated teacher only: share of rows given a wrong (but valid) label.",
+    )
+    off_spec_rate: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Simulated teacher only: share of rows first given a label outside the "
+        "label set (the gate must reject it and the agent correct it).",
+    )
+    seed: int = Field(0, description="Simulated teacher only: seed for its mistakes.")
+
+
+class Generation(_Strict):
+    concurrency: int = Field(4, ge=1, description="Sub-agents running at once.")
+    max_turns: int = Field(40, ge=1, description="LLM calls one agent may make.")
+    page_size: int = Field(
+        25, ge=1, le=500, description="Rows the skill asks an agent to read per SQL call."
+    )
+    sql_row_limit: int = Field(200, ge=1, description="Most rows one SQL tool call returns.")
+    max_slices: int | None = Field(
+        None, ge=1, description="Use only the first N slices (for quick runs)."
+    )
+
+
+# ── the model and how it learns ──────────────────────────────────────────────────────────────
+class TinyModel(_Strict):
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    vocab_size: int = Field(2000, ge=300, description="BPE vocabulary trained on the train set.")
+    max_position_embeddings: int = Field(512, ge=32)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModel:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size: must be a multiple of num_heads ({self.num_heads}), "
+                f"got {self.hidden_size}"
+            )
+        return self
+
+
+class Student(_Strict):
+    source: Literal["tiny"] = Field(
+        "tiny", description="tiny: a small causal LM built from a config with a locally "
+        "trained tokenizer (no hub)."
+    )
+    tiny: TinyModel = Field(default_factory=TinyModel)
+    seed: int = Field(0, description="Seed for model init and training.")
+
+
+class Training(_Strict):
+    accelerate_profile: str = Field(
+        "cpu", description="Accelerate config under training/accelerate/ (without .yaml)."
+    )
+    max_steps: int = Field(600, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0, lt=1.0)
+    batch_size: int = Field(16, ge=1, description="Per-device train batch size.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    max_length: int = Field(256, ge=16, description="Tokens per example after truncation.")
+    threads: int = Field(1, ge=1, description="torch threads for CPU training.")
+
+
+class Promotion(_Strict):
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="Promote only if metric > champion's + this."
+    )
+
+
+class Evaluation(_Strict):
+    holdout_fraction: float = Field(
+        0.18, gt=0.0, lt=1.0,
+        description="Share of rows held out for evaluation, chosen by a hash of the id "
+        "before any slicing; agents never see them.",
+    )
+    max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many rows.")
+    max_new_tokens: int = Field(6, ge=1)
+    promotion: Promotion = Field(default_factory=Promotion)
+
+
+class Tracking(_Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<out>/../mlflow.db shared by all runs under that folder.",
+    )
+    experiment: str = Field("posttrain", description="MLflow experiment name.")
+    registered_model: str = Field(description="Model Registry name of the trained model.")
+
+
+class Store(_Strict):
+    url: str | None = Field(
+        None, description="Example store SQLAlchemy URL. Default: sqlite:///<out>/store.db."
+    )
+
+
+class Spec(_Strict):
+    name: str = Field(description="Short name of this post-training job.")
+    warehouse: Warehouse
+    slicing: Slicing
+    task: Task
+    teacher: Teacher = Field(default_factory=Teacher)
+    generation: Generation = Field(default_factory=Generation)
+    student: Student = Field(default_factory=Student)
+    training: Training = Field(default_factory=Training)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    tracking: Tracking
+    store: Store = Field(default_factory=Store)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Spec:
+        table_cols = self.warehouse.tables.get(self.slicing.table)
+        if table_cols is None:
+            raise _FieldError(
+                "slicing.table",
+                f"must be one of the allow-listed tables ({', '.join(self.warehouse.tables)}), "
+                f"got {self.slicing.table!r}",
+            )
+        if self.slicing.id_column not in table_cols:
+            raise _FieldError(
+                "slicing.id_column",
+                f"must be an allow-listed column of {self.slicing.table!r}, "
+                f"got {self.slicing.id_column!r}",
+            )
+        if self.slicing.column and self.slicing.column not in table_cols:
+            raise _FieldError(
+                "slicing.column",
+                f"must be an allow-listed column of {self.slicing.table!r}, "
+                f"got {self.slicing.column!r}",
+            )
+        missing = [c for c in self.task.template_columns() if c not in table_cols]
+        if missing:
+            raise _FieldError(
+                "task.prompt_template",
+                f"uses {', '.join(missing)}, not allow-listed columns of {self.slicing.table!r}",
+            )
+        if self.task.gold_column and self.task.gold_column in table_cols:
+            raise _FieldError(
+                "task.gold_column",
+                f"{self.task.gold_column!r} is allow-listed in warehouse.tables."
+                f"{self.slicing.table}: remove it there, agents must never read the gold label",
+            )
+        if self.teacher.provider == "simulated" and not self.task.gold_column:
+            raise _FieldError("task.gold_column", "required when teacher.provider is simulated")
+        profile = Path(__file__).resolve().parent.parent / "training" / "accelerate"
+        if not (profile / f"{self.training.accelerate_profile}.yaml").exists():
+            choices = sorted(p.stem for p in profile.glob("*.yaml"))
+            raise _FieldError(
+                "training.accelerate_profile",
+                f"must be one of {', '.join(choices)}, got {self.training.accelerate_profile!r}",
+            )
+        return self
+
+    # ── helpers used across the pipeline ──
+    def content_hash(self) -> str:
+        """Stable hash of the validated spec (pins the run to exactly this spec)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def allowed_columns(self) -> list[str]:
+        return self.warehouse.tables[self.slicing.table]
+
+
+class _FieldError(ValueError):
+    """A cross-field problem that names its own field path."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+class SpecError(Exception):
+    """A spec that cannot be used. `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _format_error(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, msg, got = err["type"], err["msg"], err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key, remove it or check its spelling"
+    if kind == "missing":
+        return f"{loc}: required, add it"
+    if kind == "value_error":
+        inner = ctx.get("error")
+        if isinstance(inner, _FieldError):
+            return f"{inner.path}: {inner.message}"
+        text = msg.removeprefix("Value error, ")
+        # a model validator that names a sub-field ("column: ...") gets the full path
+        head, sep, rest = text.partition(": ")
+        if sep and IDENTIFIER.match(head):
+            return f"{loc + '.' if loc else ''}{head}: {rest}"
+        return f"{loc}: {text}"
+    bounds = {
+        "greater_than_equal": "must be at least {ge}",
+        "greater_than": "must be greater than {gt}",
+        "less_than_equal": "must be at most {le}",
+        "less_than": "must be less than {lt}",
+    }
+    if kind in bounds:
+        return f"{loc}: {bounds[kind].format(**ctx)}, got {got!r}"
+    if kind == "literal_error":
+        return f"{loc}: must be one of {ctx.get('expected')}, got {got!r}"
+    return f"{loc}: {msg[0].lower() + msg[1:]}, got {got!r}"
+
+
+def parse_spec(data: object, base_dir: Path | None = None) -> Spec:
+    """Validate already-loaded YAML data. Relative sqlite paths resolve against base_dir."""
+    if not isinstance(data, dict):
+        raise SpecError([f"(top level): must be a mapping of sections, got {type(data).__name__}"])
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError([_format_error(err) for err in e.errors()]) from None
+    if base_dir is not None:
+        spec.warehouse.url = resolve_sqlite_url(spec.warehouse.url, base_dir)
+        if spec.store.url:
+            spec.store.url = resolve_sqlite_url(spec.store.url, base_dir)
+    return spec
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and validate a spec file; raise SpecError with one line per problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([f"{path}: no such spec file"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    return parse_spec(data, base_dir=p.resolve().parent)
+
+
+def resolve_sqlite_url(url: str, base_dir: Path) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/base/relative.db; other URLs unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str((base_dir / url[len(prefix):]).resolve())
+    return url
