@@ -96,10 +96,9 @@ class Task(_Strict):
     completion_template: str = Field(
         " {label}", description="Format string for the completion; `{label}` is the label."
     )
-    gold_column: str | None = Field(
-        None,
-        description="Column holding the true label. Never allow-listed: only the simulated "
-        "teacher and evaluation read it.",
+    gold_column: str = Field(
+        description="Column holding the reference label of each row. Never allow-listed: only "
+        "evaluation (held-out rows) and the simulated teacher read it.",
     )
     example_kinds: list[Literal["sft"]] = Field(["sft"], description="Example kinds to write.")
     skill: str = Field("label-examples", description="Skill folder under skills/ the agents follow.")
@@ -283,14 +282,12 @@ class Spec(_Strict):
                 "task.prompt_template",
                 f"uses {', '.join(missing)}, not allow-listed columns of {self.slicing.table!r}",
             )
-        if self.task.gold_column and self.task.gold_column in table_cols:
+        if self.task.gold_column in table_cols:
             raise _FieldError(
                 "task.gold_column",
                 f"{self.task.gold_column!r} is allow-listed in warehouse.tables."
                 f"{self.slicing.table}: remove it there, agents must never read the gold label",
             )
-        if self.teacher.provider == "simulated" and not self.task.gold_column:
-            raise _FieldError("task.gold_column", "required when teacher.provider is simulated")
         profile = Path(__file__).resolve().parent.parent / "training" / "accelerate"
         if not (profile / f"{self.training.accelerate_profile}.yaml").exists():
             choices = sorted(p.stem for p in profile.glob("*.yaml"))

@@ -4,6 +4,7 @@ when one is reachable, the real BBC articles."""
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect's ephemeral API keeps its database under PREFECT_HOME: one throwaway home per session.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="posttrain-test-prefect-")
 
 PG_ENV = "POSTTRAIN_TEST_POSTGRES_URL"
 

@@ -1,0 +1,144 @@
+"""`posttrain` command line.
+
+    posttrain validate SPEC              ok, or one line per problem (exit 2)
+    posttrain run SPEC [--out DIR]       the whole pipeline as one Prefect flow
+    posttrain teacher --port P --warehouse URL [...]   the simulated teacher, standalone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flows.spec import SpecError, load_spec
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        load_spec(args.spec)
+    except SpecError as e:
+        for line in e.problems:
+            print(line)
+        return 2
+    print("ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        load_spec(args.spec)  # fail fast, before Prefect starts, with the same messages
+    except SpecError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return 2
+    from flows.pipeline import post_training
+
+    summary = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out)
+    _print_summary(summary, Path(args.out))
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"posttrain run {summary['run_id'][:8]}", show_header=False)
+    for key in ("teacher", "slices", "examples_accepted", "examples_rejected", "llm_calls",
+                "input_tokens", "output_tokens", "train_examples", "eval_examples",
+                "base_accuracy", "accuracy", "macro_f1", "model_name", "model_version",
+                "promoted", "wall_seconds"):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else json.dumps(value)
+                      if isinstance(value, dict) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"summary: {out / 'summary.json'}")
+    console.print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}"
+                  f"   (run {summary['mlflow_run_id']})")
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from agents.teacher import TeacherConfig, serve_forever
+
+    defaults = {}
+    if args.spec:
+        try:
+            spec = load_spec(args.spec)
+        except SpecError as e:
+            print("\n".join(e.problems), file=sys.stderr)
+            return 2
+        defaults = dict(
+            warehouse_url=spec.warehouse.url, table=spec.slicing.table,
+            id_column=spec.slicing.id_column, gold_column=spec.task.gold_column,
+            labels=spec.task.labels, error_rate=spec.teacher.error_rate,
+            off_spec_rate=spec.teacher.off_spec_rate, seed=spec.teacher.seed,
+        )
+    given = {
+        "warehouse_url": args.warehouse, "table": args.table, "id_column": args.id_column,
+        "gold_column": args.gold_column,
+        "labels": args.labels.split(",") if args.labels else None,
+        "error_rate": args.error_rate, "off_spec_rate": args.off_spec_rate, "seed": args.seed,
+        "api_key": args.api_key, "request_log": args.request_log,
+    }
+    config = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    missing = [k for k in ("warehouse_url", "table", "id_column", "gold_column", "labels")
+               if k not in config]
+    if missing:
+        print("teacher: missing " + ", ".join("--" + m.replace("_url", "").replace("_", "-")
+                                             for m in missing) + " (or pass --spec SPEC)",
+              file=sys.stderr)
+        return 2
+    config.setdefault("error_rate", 0.05)
+    config.setdefault("off_spec_rate", 0.0)
+    config.setdefault("seed", 0)
+    print(f"posttrain SIMULATED teacher on http://{args.host}:{args.port}/v1 "
+          f"(OpenAI chat completions; labels from {config['gold_column']} with "
+          f"{config['error_rate']:.0%} noise)", flush=True)
+    serve_forever(TeacherConfig(**config), host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="posttrain", description="Agentic LLM post-training.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a spec: prints ok or one line per problem")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run the whole pipeline as one Prefect flow")
+    p.add_argument("spec")
+    p.add_argument("--out", default="runs/latest", help="run folder (summary.json goes here)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("teacher", help="serve the simulated teacher (OpenAI wire format)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--warehouse", help="SQLAlchemy URL of the warehouse holding the gold labels")
+    p.add_argument("--spec", help="take table, columns, labels and noise from this spec")
+    p.add_argument("--table")
+    p.add_argument("--id-column")
+    p.add_argument("--gold-column")
+    p.add_argument("--labels", help="comma-separated label set")
+    p.add_argument("--error-rate", type=float)
+    p.add_argument("--off-spec-rate", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--api-key", help="require this bearer key (default: accept any)")
+    p.add_argument("--request-log", help="append every request to this JSONL file")
+    p.set_defaults(func=cmd_teacher)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

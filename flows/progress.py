@@ -1,0 +1,73 @@
+"""Progress on screen for long stages (rich), shared by the flow and its task threads.
+
+Tasks run in threads of the flow's process and receive only a progress id (a string, so
+Prefect state stays small); `Progress.get(id)` finds the live bars. When no progress was
+created (a task run alone, a deployment without a terminal), every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+_LIVE: dict[str, Progress] = {}
+_STEP = re.compile(r"\[posttrain\] step (\d+)/(\d+)(?: loss ([0-9.]+))?")
+
+
+class Progress:
+    def __init__(self, enabled: bool = True):
+        self.id = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._bars: dict[str, int] = {}
+        self._rich = (
+            RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            if enabled else None
+        )
+
+    @classmethod
+    def create(cls) -> Progress:
+        p = cls()
+        _LIVE[p.id] = p
+        return p
+
+    @classmethod
+    def get(cls, progress_id: str | None) -> Progress:
+        return _LIVE.get(progress_id or "") or cls(enabled=False)
+
+    def start(self, key: str, description: str, total: int) -> None:
+        if not self._rich:
+            return
+        with self._lock:
+            if not self._bars:
+                self._rich.start()
+            self._bars[key] = self._rich.add_task(description, total=total, note="")
+
+    def advance(self, key: str, n: int = 1, note: str | None = None) -> None:
+        if self._rich and key in self._bars:
+            with self._lock:
+                fields = {"note": note} if note is not None else {}
+                self._rich.update(self._bars[key], advance=n, **fields)
+
+    def stop(self, key: str) -> None:
+        if self._rich and key in self._bars:
+            with self._lock:
+                self._rich.stop_task(self._bars.pop(key))
+                if not self._bars:
+                    self._rich.stop()
+
+    def training_line(self, line: str) -> None:
+        """Feed one line of the training log; `[posttrain] step N/M loss X` moves the bar."""
+        m = _STEP.search(line)
+        if m and self._rich and "train" in self._bars:
+            with self._lock:
+                note = f"loss {float(m.group(3)):.3f}" if m.group(3) else ""
+                self._rich.update(self._bars["train"], completed=int(m.group(1)), note=note)
