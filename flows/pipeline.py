@@ -12,6 +12,7 @@ summary.json; MLflow holds the parent run, the training child run and the regist
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,17 @@ OFFLINE_ENV = {
 }
 
 
+@functools.cache
+def _store(url: str) -> Store:
+    """One store (one connection pool) per process, shared by the agent threads."""
+    return Store(url)
+
+
+@functools.cache
+def _engine(url: str):
+    return make_engine(url)
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """What every sub-agent task needs, small and picklable (no clients, no engines)."""
@@ -72,8 +84,8 @@ class AgentSettings:
 # ── 1. plan ─────────────────────────────────────────────────────────────────────────────────
 @task(name="plan-slices", cache_policy=NO_CACHE)
 def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
-    slices = plan_slices(spec, make_engine(spec.warehouse.url))
-    Store(store_url).add_slices(run_id, slices)
+    slices = plan_slices(spec, _engine(spec.warehouse.url))
+    _store(store_url).add_slices(run_id, slices)
     get_run_logger().info(
         "%d slices, %d rows: %s", len(slices), sum(s.row_count for s in slices),
         ", ".join(f"{s.slice_id}({s.row_count})" for s in slices),
@@ -85,8 +97,8 @@ def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 def generate_slice(descriptor: SliceDescriptor, settings: AgentSettings) -> dict:
     spec = load_spec(settings.spec_path)
-    store = Store(settings.store_url)
-    engine = make_engine(spec.warehouse.url)
+    store = _store(settings.store_url)
+    engine = _engine(spec.warehouse.url)
     agent = f"labeler/{descriptor.slice_id}"
     progress = Progress.get(settings.progress_id)
     store.update_slice(settings.run_id, descriptor.slice_id, status="running", agent=agent)
@@ -100,7 +112,8 @@ def generate_slice(descriptor: SliceDescriptor, settings: AgentSettings) -> dict
         completion = render_completion(spec, event["label"]) if event.get("label") else ""
         store.add_example(
             run_id=settings.run_id, slice_id=descriptor.slice_id, row_id=str(event["row_id"]),
-            prompt=prompt, completion=completion, label=str(event.get("label")),
+            prompt=prompt, completion=completion,
+            label=None if event.get("label") is None else str(event["label"]),
             status=event["status"], reason=event.get("reason"), agent=agent,
             model=spec.teacher.model,
         )
@@ -149,7 +162,7 @@ def generate_slice(descriptor: SliceDescriptor, settings: AgentSettings) -> dict
 # ── 3. curate ───────────────────────────────────────────────────────────────────────────────
 @task(name="curate", cache_policy=NO_CACHE)
 def curate(spec: Spec, store_url: str, run_id: str, out_dir: Path, mlflow_run_id: str) -> dict:
-    examples = Store(store_url).accepted_examples(run_id)
+    examples = _store(store_url).accepted_examples(run_id)
     seen: set[str] = set()
     kept = []
     for ex in sorted(examples, key=lambda e: (e["slice_id"], e["row_id"])):
@@ -198,10 +211,10 @@ def train(spec: Spec, dataset: dict, out_dir: Path, mlflow_uri: str, mlflow_run_
 # ── 5. evaluate ─────────────────────────────────────────────────────────────────────────────
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(spec: Spec, out_dir: Path) -> dict:
-    rows = fetch_eval_rows(spec, make_engine(spec.warehouse.url))
+    rows = fetch_eval_rows(spec, _engine(spec.warehouse.url))
     prompts = [render_prompt(spec, r) for r in rows]
     gold = [str(r[spec.task.gold_column]) for r in rows]
-    kw = dict(labels=spec.task.labels, max_new_tokens=spec.evaluation.max_new_tokens)
+    kw = {"labels": spec.task.labels, "max_new_tokens": spec.evaluation.max_new_tokens}
     base = evaluate_classifier(str(out_dir / "model" / "base"), prompts, gold, **kw)
     final = evaluate_classifier(str(out_dir / "model" / "final"), prompts, gold, **kw)
     (out_dir / "eval.json").write_text(json.dumps({"base": base, "final": final}, indent=2))
@@ -234,7 +247,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
-    store = Store(store_url)
+    store = _store(store_url)
     run_id = store.start_run(spec.name, spec.content_hash(), spec.model_dump_json())
     progress = Progress.create()
 

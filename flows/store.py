@@ -1,0 +1,342 @@
+"""The example store: every run, slice, example (kept or rejected) and LLM call, in SQL.
+
+Any SQLAlchemy URL works: a SQLite file by default (WAL, a busy timeout and `BEGIN
+IMMEDIATE` writes, so several agent threads can write at once), PostgreSQL in production.
+`Store` is thread-safe: each method opens one short session of its own.
+
+Tables: `runs` (one pipeline run), `slices` (one agent's share and how it ended),
+`examples` (every submission: accepted, or rejected with the gate's reason) and
+`llm_calls` (tokens, latency and errors of every provider call).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Self
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+RUN_STATUSES = ("running", "completed", "failed")
+SLICE_STATUSES = ("pending", "running", "done", "failed")
+EXAMPLE_STATUSES = ("accepted", "rejected")
+CALL_STATUSES = ("ok", "error")
+
+# BIGINT ids on servers; SQLite only auto-increments a column declared INTEGER.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def content_hash(prompt: str | None, completion: str | None) -> str:
+    """sha256 of prompt + NUL + completion: equal examples have equal hashes."""
+    return hashlib.sha256(f"{prompt or ''}\x00{completion or ''}".encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    spec_hash: Mapped[str] = mapped_column(sa.String(64))
+    spec_json: Mapped[str] = mapped_column(sa.Text)
+    started_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(sa.String(16), default="running")
+    mlflow_run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    summary_json: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Slice(Base):
+    __tablename__ = "slices"
+    __table_args__ = (sa.UniqueConstraint("run_id", "slice_id", name="uq_slices_run_slice"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id"))
+    slice_id: Mapped[str] = mapped_column(sa.String(300))
+    descriptor_json: Mapped[str] = mapped_column(sa.Text)
+    row_count: Mapped[int] = mapped_column(sa.Integer)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    agent: Mapped[str | None] = mapped_column(sa.String(200))
+    accepted: Mapped[int] = mapped_column(sa.Integer, default=0)
+    rejected: Mapped[int] = mapped_column(sa.Integer, default=0)
+    stopped_reason: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Example(Base):
+    __tablename__ = "examples"
+    __table_args__ = (
+        sa.Index("ix_examples_run_status", "run_id", "status"),
+        sa.Index("ix_examples_run_hash", "run_id", "content_hash"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id"))
+    slice_id: Mapped[str | None] = mapped_column(sa.String(300))
+    row_id: Mapped[str | None] = mapped_column(sa.String(200))
+    prompt: Mapped[str | None] = mapped_column(sa.Text)
+    completion: Mapped[str | None] = mapped_column(sa.Text)
+    label: Mapped[str | None] = mapped_column(sa.String(200))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    agent: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    content_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+
+class LLMCall(Base):
+    __tablename__ = "llm_calls"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str | None] = mapped_column(sa.ForeignKey("runs.id"))
+    slice_id: Mapped[str | None] = mapped_column(sa.String(300))
+    agent: Mapped[str | None] = mapped_column(sa.String(200))
+    provider: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    request_hash: Mapped[str] = mapped_column(sa.String(128), index=True)
+    input_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    status: Mapped[str] = mapped_column(sa.String(16), default="ok")
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _iso(v: dt.datetime | None) -> str | None:
+    return None if v is None else v.isoformat()
+
+
+def _row(obj: Base, skip: tuple[str, ...] = ()) -> dict:
+    out = {}
+    for col in obj.__table__.columns:
+        if col.key in skip:
+            continue
+        v = getattr(obj, col.key)
+        out[col.key] = _iso(v) if isinstance(v, dt.datetime) else v
+    return out
+
+
+def _sqlite_engine(url: sa.URL) -> sa.Engine:
+    db = url.database
+    if db and db != ":memory:" and not db.startswith("file:"):
+        Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Take the write lock up front: a deferred transaction that reads, then writes,
+        # can fail at once with SQLITE_BUSY instead of waiting for the busy timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Store:
+    """The example store at a SQLAlchemy URL; creates its tables on first use."""
+
+    def __init__(self, url: str):
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            self.engine = _sqlite_engine(parsed)
+        else:
+            self.engine = sa.create_engine(parsed, pool_pre_ping=True)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ── runs ──
+    def start_run(self, name: str, spec_hash: str, spec_json: str | dict) -> str:
+        if not isinstance(spec_json, str):
+            spec_json = json.dumps(spec_json, sort_keys=True)
+        run_id = uuid.uuid4().hex
+        with self._session.begin() as s:
+            s.add(Run(id=run_id, name=name, spec_hash=spec_hash, spec_json=spec_json,
+                      started_at=_now(), status="running"))
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, summary: dict | None = None) -> None:
+        _check(status, RUN_STATUSES, "run status")
+        self._update(Run, Run.id == run_id, f"run {run_id}", status=status, finished_at=_now(),
+                     summary_json=None if summary is None
+                     else json.dumps(summary, sort_keys=True, default=str))
+
+    def set_mlflow_run(self, run_id: str, mlflow_run_id: str) -> None:
+        self._update(Run, Run.id == run_id, f"run {run_id}", mlflow_run_id=mlflow_run_id)
+
+    def get_run(self, run_id: str) -> dict | None:
+        with self._session() as s:
+            run = s.get(Run, run_id)
+            return None if run is None else self._run_dict(run)
+
+    def list_runs(self) -> list[dict]:
+        """All runs, newest first, with their summary parsed."""
+        with self._session() as s:
+            runs = s.scalars(sa.select(Run).order_by(Run.started_at.desc(), Run.id)).all()
+            return [self._run_dict(r) for r in runs]
+
+    @staticmethod
+    def _run_dict(run: Run) -> dict:
+        out = _row(run, skip=("spec_json", "summary_json"))
+        out["summary"] = json.loads(run.summary_json) if run.summary_json else None
+        return out
+
+    # ── slices ──
+    def add_slices(self, run_id: str, descriptors: list[Any]) -> None:
+        """Record planned slices (SliceDescriptor objects or their dicts) as pending.
+
+        Idempotent per run: a slice id already recorded (a retried planning task) is kept."""
+        with self._session.begin() as s:
+            known = set(s.scalars(sa.select(Slice.slice_id).where(Slice.run_id == run_id)))
+            for d in descriptors:
+                data = d.model_dump(mode="json") if hasattr(d, "model_dump") else dict(d)
+                if data["slice_id"] in known:
+                    continue
+                known.add(data["slice_id"])
+                s.add(Slice(run_id=run_id, slice_id=data["slice_id"], row_count=data["row_count"],
+                            descriptor_json=json.dumps(data, sort_keys=True), status="pending",
+                            accepted=0, rejected=0))
+
+    def update_slice(self, run_id: str, slice_id: str, **fields: Any) -> None:
+        """Set any of: status, agent, accepted, rejected, stopped_reason, row_count."""
+        allowed = {"status", "agent", "accepted", "rejected", "stopped_reason", "row_count"}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ValueError(f"update_slice: unknown field(s) {', '.join(unknown)}")
+        if "status" in fields:
+            _check(fields["status"], SLICE_STATUSES, "slice status")
+        self._update(Slice, (Slice.run_id == run_id) & (Slice.slice_id == slice_id),
+                     f"slice {slice_id!r} of run {run_id}", **fields)
+
+    def list_slices(self, run_id: str) -> list[dict]:
+        with self._session() as s:
+            rows = s.scalars(sa.select(Slice).where(Slice.run_id == run_id).order_by(Slice.id))
+            return [_row(r) for r in rows]
+
+    # ── examples ──
+    def add_example(
+        self,
+        run_id: str,
+        *,
+        slice_id: str | None,
+        row_id: str | int | None,
+        prompt: str | None,
+        completion: str | None,
+        label: str | None,
+        status: str = "accepted",
+        reason: str | None = None,
+        agent: str | None = None,
+        model: str | None = None,
+    ) -> int:
+        """Record one submission; a rejected one needs the gate's reason, an accepted none."""
+        _check(status, EXAMPLE_STATUSES, "example status")
+        if status == "accepted" and reason is not None:
+            raise ValueError("an accepted example has no rejection reason")
+        if status == "rejected" and not reason:
+            raise ValueError("a rejected example needs its reason")
+        ex = Example(run_id=run_id, slice_id=slice_id,
+                     row_id=None if row_id is None else str(row_id), prompt=prompt,
+                     completion=completion, label=label, status=status, reason=reason,
+                     agent=agent, model=model, content_hash=content_hash(prompt, completion),
+                     created_at=_now())
+        with self._session.begin() as s:
+            s.add(ex)
+            s.flush()
+            return ex.id
+
+    def accepted_examples(self, run_id: str) -> list[dict]:
+        """The run's accepted examples in the order they were written."""
+        with self._session() as s:
+            rows = s.scalars(
+                sa.select(Example)
+                .where(Example.run_id == run_id, Example.status == "accepted")
+                .order_by(Example.id)
+            )
+            return [_row(r, skip=("reason",)) for r in rows]
+
+    def rejection_counts(self, run_id: str) -> dict[str, int]:
+        """reason -> how many submissions the gates rejected for it, most frequent first."""
+        with self._session() as s:
+            rows = s.execute(
+                sa.select(Example.reason, sa.func.count())
+                .where(Example.run_id == run_id, Example.status == "rejected")
+                .group_by(Example.reason)
+                .order_by(sa.func.count().desc(), Example.reason)
+            ).all()
+            return {reason: n for reason, n in rows}
+
+    # ── LLM calls ──
+    def record_call(
+        self,
+        run_id: str | None,
+        *,
+        provider: str,
+        model: str,
+        request_hash: str,
+        slice_id: str | None = None,
+        agent: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        latency_ms: float = 0.0,
+        status: str = "ok",
+        error: str | None = None,
+    ) -> int:
+        _check(status, CALL_STATUSES, "call status")
+        call = LLMCall(run_id=run_id, slice_id=slice_id, agent=agent, provider=provider,
+                       model=model, request_hash=request_hash, input_tokens=int(input_tokens),
+                       output_tokens=int(output_tokens), latency_ms=float(latency_ms),
+                       status=status, error=error, created_at=_now())
+        with self._session.begin() as s:
+            s.add(call)
+            s.flush()
+            return call.id
+
+    def call_totals(self, run_id: str) -> dict[str, int]:
+        """calls, errors, input_tokens, output_tokens over the run's LLM calls."""
+        with self._session() as s:
+            calls, errors, tin, tout = s.execute(
+                sa.select(
+                    sa.func.count(LLMCall.id),
+                    sa.func.coalesce(sa.func.sum(sa.case((LLMCall.status == "error", 1), else_=0)), 0),
+                    sa.func.coalesce(sa.func.sum(LLMCall.input_tokens), 0),
+                    sa.func.coalesce(sa.func.sum(LLMCall.output_tokens), 0),
+                ).where(LLMCall.run_id == run_id)
+            ).one()
+            return {"calls": int(calls), "errors": int(errors), "input_tokens": int(tin),
+                    "output_tokens": int(tout)}
+
+    # ── helpers ──
+    def _update(self, model: type[Base], where: Any, what: str, **values: Any) -> None:
+        with self._session.begin() as s:
+            n = s.execute(sa.update(model).where(where).values(**values)).rowcount
+        if n == 0:
+            raise LookupError(f"no {what} in the store")

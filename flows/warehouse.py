@@ -1,0 +1,288 @@
+"""The warehouse and slicing layer: which rows are held out, and which rows each agent gets.
+
+Everything here is trusted pipeline code running SQL it wrote itself (SQLAlchemy Core and
+text with bound parameters); agents never call it directly.
+
+* **Hash.** `stable_hash(v)` = the first 32 bits of md5(str(v)), unsigned. The same number
+  comes from SQL: SQLite gets a registered function `posttrain_hash(x)` (see `make_engine`),
+  PostgreSQL an md5 expression (`hash_sql`).
+* **Holdout.** A row is held out for evaluation iff `stable_hash(id) % 10000 <
+  round(holdout_fraction * 10000)`. It is decided first, by id alone, so it is the same on
+  every backend holding the same ids, and held-out rows are in no slice.
+* **Slices.** `plan_slices` cuts the remaining rows by a column's values (`group_by`) or by
+  hash buckets (`hash`). A part over `max_rows_per_slice` rows is split into
+  ceil(n / cap) near-equal id ranges, found in one window query. A slice is a small
+  `SliceDescriptor`: a SELECT of exactly its rows with bound params and a row count, never
+  the rows themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import math
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, Field
+from sqlalchemy.engine import Connection, Dialect, Engine
+
+from flows.render import render_completion, render_prompt
+from flows.spec import Spec
+
+__all__ = [
+    "HASH_MODULUS",
+    "SliceDescriptor",
+    "WarehouseError",
+    "fetch_eval_rows",
+    "fetch_slice_row",
+    "hash_sql",
+    "holdout_predicate",
+    "make_engine",
+    "plan_slices",
+    "render_completion",
+    "render_prompt",
+    "stable_hash",
+]
+
+HASH_MODULUS = 10000  # holdout resolution: fractions are rounded to 1/10000
+NULL_TEXT = "<null>"  # how a NULL group value is written in a slice id
+
+
+class WarehouseError(ValueError):
+    """A warehouse the pipeline cannot use (unsupported dialect, bad column...)."""
+
+
+# ── the hash, in Python and in SQL ───────────────────────────────────────────────────────────
+def stable_hash(value: Any) -> int:
+    """First 32 bits of md5(str(value)) as an unsigned int: equal to `hash_sql` in SQL."""
+    return int(hashlib.md5(str(value).encode()).hexdigest()[:8], 16)
+
+
+def _sqlite_hash(value: Any) -> int | None:
+    return None if value is None else stable_hash(value)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """A SQLAlchemy engine for the warehouse; SQLite connections get `posttrain_hash(x)`."""
+    engine = sa.create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _register_hash(dbapi_conn, _record):
+            dbapi_conn.create_function("posttrain_hash", 1, _sqlite_hash, deterministic=True)
+
+    return engine
+
+
+def _dialect(engine_or_dialect: Engine | Connection | Dialect | str) -> str:
+    if isinstance(engine_or_dialect, str):
+        return engine_or_dialect
+    if isinstance(engine_or_dialect, Dialect):
+        return engine_or_dialect.name
+    return engine_or_dialect.dialect.name
+
+
+def hash_sql(engine_or_dialect: Engine | Connection | Dialect | str, column_sql: str) -> str:
+    """SQL for stable_hash(column) in this dialect (an unsigned 32-bit integer)."""
+    name = _dialect(engine_or_dialect)
+    if name == "sqlite":
+        return f"posttrain_hash({column_sql})"
+    if name == "postgresql":
+        # bit(32) -> bigint keeps the bits right-aligned in 64, so the result is unsigned.
+        return f"(('x' || substr(md5(CAST({column_sql} AS TEXT)), 1, 8))::bit(32)::bigint)"
+    raise WarehouseError(
+        f"warehouse dialect {name!r} is not supported for hashing/slicing "
+        "(supported: sqlite, postgresql)"
+    )
+
+
+def _q(engine: Engine | Connection, name: str) -> str:
+    return engine.dialect.identifier_preparer.quote(name)
+
+
+# ── the evaluation holdout ───────────────────────────────────────────────────────────────────
+def _holdout_cut(spec: Spec) -> int:
+    return round(spec.evaluation.holdout_fraction * HASH_MODULUS)
+
+
+def _holdout_expr(spec: Spec, engine: Engine | Connection) -> str:
+    return f"{hash_sql(engine, _q(engine, spec.slicing.id_column))} % {HASH_MODULUS}"
+
+
+def holdout_predicate(spec: Spec, engine: Engine | Connection) -> tuple[str, dict]:
+    """(SQL condition true exactly for held-out rows, its params) over the slicing table."""
+    return f"{_holdout_expr(spec, engine)} < :pt_holdout_cut", {"pt_holdout_cut": _holdout_cut(spec)}
+
+
+def _not_holdout(spec: Spec, engine: Engine | Connection) -> tuple[str, dict]:
+    return f"{_holdout_expr(spec, engine)} >= :pt_holdout_cut", {"pt_holdout_cut": _holdout_cut(spec)}
+
+
+def fetch_eval_rows(spec: Spec, engine: Engine) -> list[dict]:
+    """The held-out rows (trusted read): id, the template columns and the gold column, by id."""
+    id_col = spec.slicing.id_column
+    cols = list(dict.fromkeys([id_col, *spec.task.template_columns(), spec.task.gold_column]))
+    cols = [c for c in cols if c]
+    cond, params = holdout_predicate(spec, engine)
+    sql = (
+        f"SELECT {', '.join(_q(engine, c) for c in cols)} FROM {_q(engine, spec.slicing.table)}"
+        f" WHERE {cond} ORDER BY {_q(engine, id_col)}"
+    )
+    if spec.evaluation.max_rows:
+        sql += " LIMIT :pt_max_rows"
+        params["pt_max_rows"] = spec.evaluation.max_rows
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text(sql), params).mappings()]
+
+
+# ── slices ───────────────────────────────────────────────────────────────────────────────────
+class SliceDescriptor(BaseModel):
+    """One agent's share of the table: a query for its rows, never the rows themselves."""
+
+    slice_id: str = Field(description="Human-readable, stable id, e.g. 'region=uk#2'.")
+    key: dict = Field(description="What the slice is: the group value or bucket, and its part.")
+    table: str = Field(description="The sliced table.")
+    id_column: str = Field(description="The table's id column.")
+    columns: list[str] = Field(description="The allow-listed columns the SQL selects.")
+    sql: str = Field(
+        description="A trusted SELECT of exactly the slice's rows (all allow-listed columns, "
+        "no ORDER BY), with :named params; usable as a CTE body."
+    )
+    params: dict = Field(description="Bound parameters of `sql` (JSON values).")
+    row_count: int = Field(description="Rows in the slice when it was planned.")
+
+
+def _json_value(v: Any) -> Any:
+    """Group values become JSON primitives, so descriptors serialise and re-bind the same."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (dt.date, dt.datetime, dt.time)):
+        return v.isoformat()
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        raise WarehouseError("slicing.column: binary columns cannot be grouped by")
+    return str(v)
+
+
+def _split_sizes(n: int, cap: int) -> list[int]:
+    """n rows in ceil(n/cap) parts whose sizes differ by at most one."""
+    k = max(1, math.ceil(n / cap))
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def _part_bounds(
+    conn: Connection, table: str, id_col: str, cond: str, params: dict, offsets: list[int]
+) -> list[Any]:
+    """The ids at the given 0-based positions (in id order) among rows matching cond."""
+    sql = sa.text(
+        f"SELECT pt_id FROM (SELECT {id_col} AS pt_id, ROW_NUMBER() OVER (ORDER BY {id_col}) - 1"
+        f" AS pt_pos FROM {table} WHERE {cond}) pt_ranked WHERE pt_pos IN :pt_offsets"
+        " ORDER BY pt_pos"
+    ).bindparams(sa.bindparam("pt_offsets", expanding=True))
+    ids = conn.execute(sql, {**params, "pt_offsets": offsets}).scalars().all()
+    if len(ids) != len(offsets):
+        raise WarehouseError("the warehouse changed while slices were being planned; plan again")
+    return list(ids)
+
+
+def _descriptors_for_part(
+    spec: Spec,
+    conn: Connection,
+    base_id: str,
+    key: dict,
+    cond: str,
+    params: dict,
+    n: int,
+) -> list[SliceDescriptor]:
+    """One descriptor, or several disjoint id ranges when n is over the row cap."""
+    table, id_col = _q(conn, spec.slicing.table), _q(conn, spec.slicing.id_column)
+    select = f"SELECT {', '.join(_q(conn, c) for c in spec.allowed_columns)} FROM {table}"
+    sizes = _split_sizes(n, spec.slicing.max_rows_per_slice)
+    common = {"table": spec.slicing.table, "id_column": spec.slicing.id_column,
+              "columns": list(spec.allowed_columns)}
+    if len(sizes) == 1:
+        return [SliceDescriptor(slice_id=base_id, key={**key, "part": 1, "parts": 1},
+                                sql=f"{select} WHERE {cond}", params=params, row_count=n, **common)]
+    offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    bounds = _part_bounds(conn, table, id_col, cond, params, offsets)
+    out = []
+    for i, size in enumerate(sizes):
+        part_cond, part_params = cond, dict(params)
+        if i > 0:
+            part_cond += f" AND {id_col} >= :pt_id_lo"
+            part_params["pt_id_lo"] = bounds[i - 1]
+        if i < len(sizes) - 1:
+            part_cond += f" AND {id_col} < :pt_id_hi"
+            part_params["pt_id_hi"] = bounds[i]
+        out.append(SliceDescriptor(
+            slice_id=f"{base_id}#{i + 1}", key={**key, "part": i + 1, "parts": len(sizes)},
+            sql=f"{select} WHERE {part_cond}", params=part_params, row_count=size, **common,
+        ))
+    return out
+
+
+def _sort_key(value: Any) -> tuple:
+    # NULL group first, then by value (by type name first, should a column mix types)
+    return (value is not None, type(value).__name__, value)
+
+
+def plan_slices(spec: Spec, engine: Engine) -> list[SliceDescriptor]:
+    """Cut the non-held-out rows into slices, in a deterministic order (first N if max_slices)."""
+    s = spec.slicing
+    with engine.connect() as conn:
+        table, id_col = _q(conn, s.table), _q(conn, s.id_column)
+        keep, keep_params = _not_holdout(spec, conn)
+        plan: list[tuple[str, dict, str, dict, int]] = []  # (slice id, key, cond, params, n)
+        if s.method == "group_by":
+            col = _q(conn, s.column)
+            rows = conn.execute(
+                sa.text(f"SELECT {col}, count(*) FROM {table} WHERE {keep} GROUP BY {col}"),
+                keep_params,
+            ).all()
+            for value, n in sorted(rows, key=lambda r: _sort_key(r[0])):
+                value = _json_value(value)
+                text = NULL_TEXT if value is None else str(value)
+                if value is None:
+                    cond, params = f"{col} IS NULL AND {keep}", dict(keep_params)
+                else:
+                    cond, params = f"{col} = :pt_value AND {keep}", {**keep_params, "pt_value": value}
+                plan.append((f"{s.column}={text}", {s.column: value}, cond, params, n))
+        else:
+            bucket = f"{hash_sql(conn, id_col)} % :pt_buckets"
+            rows = conn.execute(
+                sa.text(f"SELECT {bucket}, count(*) FROM {table} WHERE {keep} GROUP BY 1"),
+                {**keep_params, "pt_buckets": s.buckets},
+            ).all()
+            for b, n in sorted(rows, key=lambda r: int(r[0])):
+                params = {**keep_params, "pt_buckets": s.buckets, "pt_bucket": int(b)}
+                plan.append((f"bucket={int(b)}", {"bucket": int(b)},
+                             f"{bucket} = :pt_bucket AND {keep}", params, n))
+        out: list[SliceDescriptor] = []
+        for slice_id, key, cond, params, n in plan:
+            out.extend(_descriptors_for_part(spec, conn, slice_id, key, cond, params, n))
+            if spec.generation.max_slices and len(out) >= spec.generation.max_slices:
+                return out[: spec.generation.max_slices]
+        return out
+
+
+def _normalise_row_id(row_id: Any) -> str:
+    if isinstance(row_id, float) and row_id.is_integer():
+        row_id = int(row_id)
+    return str(row_id).strip()
+
+
+def fetch_slice_row(engine: Engine, slice: SliceDescriptor, row_id: Any) -> dict | None:
+    """The row with this id if it belongs to the slice (allow-listed columns), else None.
+
+    The id is compared as text, so 42 and "42" (as an LLM may write it) find the same row."""
+    id_col = _q(engine, slice.id_column)
+    sql = sa.text(
+        f"SELECT * FROM ({slice.sql}) pt_slice WHERE CAST(pt_slice.{id_col} AS TEXT) = :pt_row_id"
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(sql, {**slice.params, "pt_row_id": _normalise_row_id(row_id)}).mappings()
+        row = rows.first()
+    return None if row is None else dict(row)

@@ -1,0 +1,137 @@
+"""The example store on real SQLite files and (when configured) a real PostgreSQL server:
+round trips, the figures the pipeline reports, and concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from flows.store import Store
+from flows.warehouse import SliceDescriptor
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'store.db'}"  # parent dirs created
+    else:
+        url = request.getfixturevalue("pg_schema_url")
+    s = Store(url)
+    yield s
+    s.close()
+
+
+def descriptor(slice_id: str, n: int = 10) -> SliceDescriptor:
+    return SliceDescriptor(
+        slice_id=slice_id, key={"region": slice_id}, table="articles", id_column="id",
+        columns=["id", "title"], sql="SELECT id, title FROM articles WHERE region = :pt_value",
+        params={"pt_value": slice_id}, row_count=n,
+    )
+
+
+def test_round_trip(store):
+    run = store.start_run("news", "abc123", {"name": "news"})
+    other = store.start_run("other", "def456", "{}")
+    store.add_slices(run, [descriptor("region=uk#1", 12), descriptor("region=asia", 7)])
+    store.add_slices(run, [descriptor("region=asia", 7)])  # a retried plan adds nothing
+    store.update_slice(run, "region=uk#1", status="running", agent="agent-0")
+    store.update_slice(run, "region=uk#1", status="done", accepted=2, rejected=1,
+                       stopped_reason="finished")
+
+    first = store.add_example(run, slice_id="region=uk#1", row_id=42, prompt="Title: A\nTopic:",
+                              completion=" tech", label="tech", agent="agent-0", model="sim")
+    store.add_example(run, slice_id="region=uk#1", row_id="43", prompt="Title: B\nTopic:",
+                      completion=" sports", label="sports", agent="agent-0", model="sim")
+    store.add_example(run, slice_id="region=uk#1", row_id=44, prompt="Title: C\nTopic:",
+                      completion=" weather", label="weather", status="rejected",
+                      reason="label_not_in_set", agent="agent-0", model="sim")
+    store.add_example(run, slice_id="region=uk#1", row_id=999, prompt=None, completion=None,
+                      label="tech", status="rejected", reason="row_not_in_slice")
+    store.add_example(run, slice_id="region=uk#1", row_id=998, prompt=None, completion=None,
+                      label="tech", status="rejected", reason="row_not_in_slice")
+    store.add_example(other, slice_id="x", row_id=1, prompt="p", completion="c", label="tech")
+
+    got = store.accepted_examples(run)
+    assert [e["row_id"] for e in got] == ["42", "43"] and got[0]["id"] == first
+    assert got[0]["content_hash"] == hashlib.sha256(b"Title: A\nTopic:\x00 tech").hexdigest()
+    assert got[0]["label"] == "tech" and got[0]["agent"] == "agent-0"
+    assert isinstance(got[0]["created_at"], str)
+    assert store.rejection_counts(run) == {"row_not_in_slice": 2, "label_not_in_set": 1}
+
+    store.record_call(run, provider="simulated", model="sim", request_hash="h1",
+                      slice_id="region=uk#1", agent="agent-0", input_tokens=100,
+                      output_tokens=20, latency_ms=12.5)
+    store.record_call(run, provider="simulated", model="sim", request_hash="h2",
+                      input_tokens=50, output_tokens=0, status="error", error="HTTP 529")
+    assert store.call_totals(run) == {"calls": 2, "errors": 1, "input_tokens": 150,
+                                      "output_tokens": 20}
+    assert store.call_totals(other) == {"calls": 0, "errors": 0, "input_tokens": 0,
+                                        "output_tokens": 0}
+
+    slices = {s["slice_id"]: s for s in store.list_slices(run)}
+    assert len(store.list_slices(run)) == 2
+    assert slices["region=uk#1"]["status"] == "done" and slices["region=uk#1"]["accepted"] == 2
+    assert slices["region=asia"]["status"] == "pending" and slices["region=asia"]["row_count"] == 7
+    assert SliceDescriptor.model_validate_json(slices["region=asia"]["descriptor_json"]) == \
+        descriptor("region=asia", 7)
+
+    store.set_mlflow_run(run, "mlflow-run-1")
+    store.finish_run(run, "completed", {"accepted": 2, "accuracy": 0.9})
+    runs = {r["id"]: r for r in store.list_runs()}
+    assert set(runs) == {run, other}
+    assert runs[run]["status"] == "completed" and runs[run]["mlflow_run_id"] == "mlflow-run-1"
+    assert runs[run]["summary"] == {"accepted": 2, "accuracy": 0.9}
+    assert runs[run]["finished_at"] is not None and runs[other]["status"] == "running"
+    assert store.get_run(run)["spec_hash"] == "abc123"
+    store.finish_run(other, "failed")
+    assert store.get_run(other)["status"] == "failed" and store.get_run(other)["summary"] is None
+
+
+def test_misuse_is_refused(store):
+    run = store.start_run("news", "abc", "{}")
+    store.add_slices(run, [descriptor("s")])
+    with pytest.raises(ValueError, match="unknown field"):
+        store.update_slice(run, "s", colour="red")
+    with pytest.raises(ValueError, match="slice status"):
+        store.update_slice(run, "s", status="exploded")
+    with pytest.raises(LookupError):
+        store.update_slice(run, "no-such-slice", status="done")
+    with pytest.raises(ValueError, match="reason"):
+        store.add_example(run, slice_id="s", row_id=1, prompt="p", completion="c", label="x",
+                          status="accepted", reason="why")
+    with pytest.raises(ValueError, match="reason"):
+        store.add_example(run, slice_id="s", row_id=1, prompt="p", completion="c", label="x",
+                          status="rejected")
+    with pytest.raises(ValueError, match="run status"):
+        store.finish_run(run, "done")
+    with pytest.raises(LookupError):
+        store.finish_run("no-such-run", "failed")
+
+
+def test_four_threads_write_at_once(store):
+    run = store.start_run("news", "abc", "{}")
+    store.add_slices(run, [descriptor(f"s{t}") for t in range(4)])
+    per_thread = 25
+    barrier = threading.Barrier(4)
+
+    def agent(t: int) -> None:
+        barrier.wait()  # all four start writing together
+        for i in range(per_thread):
+            store.add_example(run, slice_id=f"s{t}", row_id=i, prompt=f"p{t}-{i}",
+                              completion=" tech", label="tech", agent=f"a{t}")
+            store.record_call(run, provider="simulated", model="sim",
+                              request_hash=f"{t}-{i}", input_tokens=3, output_tokens=1)
+            store.update_slice(run, f"s{t}", status="running", accepted=i + 1)
+            if i % 10 == 0:
+                store.accepted_examples(run)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for future in [pool.submit(agent, t) for t in range(4)]:
+            future.result()  # re-raises any writer's error
+    assert len(store.accepted_examples(run)) == 4 * per_thread
+    assert store.call_totals(run) == {"calls": 100, "errors": 0, "input_tokens": 300,
+                                      "output_tokens": 100}
+    assert {s["accepted"] for s in store.list_slices(run)} == {per_thread}

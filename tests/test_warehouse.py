@@ -1,0 +1,252 @@
+"""The warehouse layer against real SQLite and (when configured) PostgreSQL warehouses of
+real BBC articles: the hash, the holdout, slice planning and trusted row lookups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from flows.render import RenderError
+from flows.spec import parse_spec
+from flows.warehouse import (
+    SliceDescriptor,
+    WarehouseError,
+    fetch_eval_rows,
+    fetch_slice_row,
+    hash_sql,
+    holdout_predicate,
+    make_engine,
+    plan_slices,
+    render_completion,
+    render_prompt,
+    stable_hash,
+)
+
+COLUMNS = ["id", "title", "body", "published_at", "region", "word_count"]
+HASH_VALUES = [0, 1, 7, 42, 199, 2225, -7, 10**12, "abc", "région", "", "id-0042"]
+
+
+def make_spec(url: str, table: str = "articles", columns=None, **slicing) -> object:
+    columns = columns or COLUMNS
+    data = {
+        "name": "t",
+        "warehouse": {"url": url, "tables": {table: columns}},
+        "slicing": {"table": table, "id_column": "id", "method": "group_by",
+                    "column": "region", "max_rows_per_slice": 30, **slicing},
+        "task": {"description": "topic", "labels": ["business", "entertainment", "politics",
+                                                    "sports", "tech"],
+                 "prompt_template": "Title: {title}\nLead: {body:.300}\nTopic:",
+                 "gold_column": "topic"},
+        "evaluation": {"holdout_fraction": 0.18},
+        "tracking": {"registered_model": "m"},
+    }
+    if table != "articles":
+        data["task"]["prompt_template"] = "{txt}"
+    return parse_spec(data)
+
+
+def all_ids(engine) -> list[int]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT id FROM articles ORDER BY id")).scalars().all()
+
+
+def slice_ids(engine, d: SliceDescriptor) -> list:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(f"SELECT {d.id_column} FROM ({d.sql}) s"), d.params).scalars().all()
+
+
+def holdout_ids(ids, fraction=0.18) -> set:
+    return {i for i in ids if stable_hash(i) % 10000 < round(fraction * 10000)}
+
+
+def check_partition(engine, spec, slices) -> dict[str, list]:
+    """Slices are disjoint, cover every non-held-out row exactly, respect the cap and count."""
+    ids = all_ids(engine)
+    held = holdout_ids(ids, spec.evaluation.holdout_fraction)
+    members = {d.slice_id: slice_ids(engine, d) for d in slices}
+    flat = [i for got in members.values() for i in got]
+    assert len(flat) == len(set(flat)), "slices overlap"
+    assert set(flat) == set(ids) - held, "slices do not cover the non-holdout rows exactly"
+    assert not set(flat) & held, "a held-out row is in a slice"
+    for d in slices:
+        assert d.row_count == len(members[d.slice_id])
+        assert 0 < d.row_count <= spec.slicing.max_rows_per_slice
+    return members
+
+
+# ── the hash ────────────────────────────────────────────────────────────────────────────────
+def test_stable_hash_is_unsigned_md5_prefix():
+    assert stable_hash(1) == 3301589560  # md5("1") = c4ca4238...
+    assert all(0 <= stable_hash(v) < 2**32 for v in HASH_VALUES)
+    assert stable_hash(42) == stable_hash("42")
+
+
+def test_sqlite_hash_equals_python(small_warehouse_url):
+    engine = make_engine(small_warehouse_url)
+    with engine.connect() as conn:
+        for v in HASH_VALUES:
+            got = conn.execute(sa.text(f"SELECT {hash_sql(engine, ':v')}"), {"v": v}).scalar_one()
+            assert got == stable_hash(v), v
+        rows = conn.execute(sa.text(f"SELECT id, {hash_sql(engine, 'id')} FROM articles")).all()
+    assert len(rows) == 200 and all(h == stable_hash(i) for i, h in rows)
+
+
+def test_unknown_dialect_is_named():
+    with pytest.raises(WarehouseError, match="'mysql'"):
+        hash_sql("mysql", "id")
+
+
+# ── the holdout ─────────────────────────────────────────────────────────────────────────────
+def test_holdout_is_chosen_by_hash_of_id(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    engine = make_engine(small_warehouse_url)
+    ids = all_ids(engine)
+    rows = fetch_eval_rows(spec, engine)
+    got = [r["id"] for r in rows]
+    assert got == sorted(holdout_ids(ids))
+    assert 0.10 < len(got) / len(ids) < 0.26  # ~18% of 200
+    assert set(rows[0]) == {"id", "title", "body", "topic"}  # template columns + gold, trusted
+    cond, params = holdout_predicate(spec, engine)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text(f"SELECT count(*) FROM articles WHERE {cond}"), params).scalar()
+    assert n == len(got)
+    spec.evaluation.max_rows = 5
+    assert [r["id"] for r in fetch_eval_rows(spec, engine)] == got[:5]
+
+
+# ── slice planning ──────────────────────────────────────────────────────────────────────────
+def test_group_by_slices_partition_and_split_hot_group(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    engine = make_engine(small_warehouse_url)
+    slices = plan_slices(spec, engine)
+    members = check_partition(engine, spec, slices)
+    uk = [d for d in slices if d.key["region"] == "uk"]
+    assert len(uk) >= 2 and [d.slice_id for d in uk] == [f"region=uk#{i + 1}" for i in range(len(uk))]
+    assert max(d.row_count for d in uk) - min(d.row_count for d in uk) <= 1  # balanced parts
+    with engine.connect() as conn:
+        for d in slices:
+            regions = conn.execute(
+                sa.text(f"SELECT DISTINCT region FROM ({d.sql}) s"), d.params).scalars().all()
+            assert regions == [d.key["region"]]
+            assert members[d.slice_id]  # never empty
+    assert plan_slices(spec, engine) == slices  # deterministic
+
+
+def test_descriptors_are_small_json_without_rows(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    engine = make_engine(small_warehouse_url)
+    slices = plan_slices(spec, engine)
+    with engine.connect() as conn:
+        titles = conn.execute(sa.text("SELECT title FROM articles")).scalars().all()
+    for d in slices:
+        blob = d.model_dump_json()
+        assert len(blob) < 1000
+        assert not any(t in blob for t in titles)
+        assert SliceDescriptor.model_validate(json.loads(blob)) == d  # round-trips via JSON
+        assert d.columns == COLUMNS and "topic" not in d.sql
+
+
+def test_hash_slices_partition(small_warehouse_url):
+    spec = make_spec(small_warehouse_url, method="hash", buckets=3, max_rows_per_slice=25)
+    engine = make_engine(small_warehouse_url)
+    slices = plan_slices(spec, engine)
+    members = check_partition(engine, spec, slices)
+    for d in slices:
+        assert all(stable_hash(i) % 3 == d.key["bucket"] for i in members[d.slice_id])
+    assert {d.key["bucket"] for d in slices} == {0, 1, 2}
+    assert len(slices) > 3  # 164 rows in 3 buckets under a cap of 25 must be split
+
+
+def test_max_slices_takes_the_first(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    engine = make_engine(small_warehouse_url)
+    full = plan_slices(spec, engine)
+    spec.generation.max_slices = 3
+    assert plan_slices(spec, engine) == full[:3]
+
+
+def test_null_group_values_get_their_own_slice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'nulls.db'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE items (id INTEGER PRIMARY KEY, region TEXT, txt TEXT)"))
+        conn.execute(sa.text("INSERT INTO items VALUES (:id, :region, :txt)"),
+                     [{"id": i, "region": [None, "a", "b"][i % 3], "txt": f"t{i}"}
+                      for i in range(1, 121)])
+    spec = make_spec(url, table="items", columns=["id", "region", "txt"], max_rows_per_slice=20)
+    slices = plan_slices(spec, engine)
+    null = [d for d in slices if d.key["region"] is None]
+    assert null and null[0].slice_id.startswith("region=<null>") and slices[0] == null[0]
+    got = {i for d in null for i in slice_ids(engine, d)}
+    expected = {i for i in range(3, 121, 3)} - holdout_ids(range(1, 121))
+    assert got == expected
+    flat = [i for d in slices for i in slice_ids(engine, d)]
+    assert sorted(flat) == sorted(set(range(1, 121)) - holdout_ids(range(1, 121)))
+
+
+# ── trusted row lookups ─────────────────────────────────────────────────────────────────────
+def test_fetch_slice_row_checks_membership(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    engine = make_engine(small_warehouse_url)
+    a, b = plan_slices(spec, engine)[:2]
+    in_a, in_b = slice_ids(engine, a)[0], slice_ids(engine, b)[0]
+    for rid in (in_a, str(in_a), f" {in_a} ", float(in_a)):
+        row = fetch_slice_row(engine, a, rid)
+        assert row is not None and row["id"] == in_a
+    assert set(row) == set(COLUMNS)  # allow-listed columns only: no gold label
+    assert fetch_slice_row(engine, a, in_b) is None  # another agent's row
+    held = min(holdout_ids(all_ids(engine)))
+    assert fetch_slice_row(engine, a, held) is None
+    assert fetch_slice_row(engine, a, "999999") is None
+    assert fetch_slice_row(engine, a, "1 OR 1=1") is None
+
+
+def test_render_prompt_and_completion(small_warehouse_url):
+    spec = make_spec(small_warehouse_url)
+    row = {"title": "Chips", "body": "x" * 500}
+    assert render_prompt(spec, row) == f"Title: Chips\nLead: {'x' * 300}\nTopic:"
+    assert render_prompt(spec, {"title": "T", "body": None}) == "Title: T\nLead: \nTopic:"
+    assert render_completion(spec, "tech") == " tech"
+    spec.task.completion_template = " {lable}"
+    with pytest.raises(RenderError, match="completion_template"):
+        render_completion(spec, "tech")
+
+
+# ── PostgreSQL: the same numbers, the same holdout, the same slices ────────────────────────
+def test_postgres_matches_sqlite(small_warehouse_url, pg_schema_url):
+    from examples.news_topics.build_warehouse import build
+
+    build(pg_schema_url, per_label=40)  # the same 200 articles as small_warehouse_url
+    pg, lite = make_engine(pg_schema_url), make_engine(small_warehouse_url)
+    try:
+        with pg.connect() as conn:
+            for v in HASH_VALUES:
+                got = conn.execute(sa.text(f"SELECT {hash_sql(pg, ':v')}"), {"v": v}).scalar_one()
+                assert got == stable_hash(v), v
+            rows = conn.execute(sa.text(f"SELECT id, {hash_sql(pg, 'id')} FROM articles")).all()
+        assert len(rows) == 200 and all(h == stable_hash(i) for i, h in rows)
+
+        spec_pg, spec_lite = make_spec(pg_schema_url), make_spec(small_warehouse_url)
+        assert fetch_eval_rows(spec_pg, pg) == fetch_eval_rows(spec_lite, lite)
+
+        slices_pg = plan_slices(spec_pg, pg)
+        check_partition(pg, spec_pg, slices_pg)
+        slices_lite = plan_slices(spec_lite, lite)
+        assert [(d.slice_id, d.row_count) for d in slices_pg] == \
+               [(d.slice_id, d.row_count) for d in slices_lite]
+        for a, b in zip(slices_pg, slices_lite, strict=True):
+            assert sorted(slice_ids(pg, a)) == sorted(slice_ids(lite, b))
+
+        spec_hash = make_spec(pg_schema_url, method="hash", buckets=3, max_rows_per_slice=25)
+        check_partition(pg, spec_hash, plan_slices(spec_hash, pg))
+
+        d = slices_pg[0]
+        rid = slice_ids(pg, d)[0]
+        assert fetch_slice_row(pg, d, str(rid))["id"] == rid
+        assert fetch_slice_row(pg, d, rid)["id"] == rid
+        assert fetch_slice_row(pg, d, slice_ids(pg, slices_pg[1])[0]) is None
+    finally:
+        pg.dispose()
+        lite.dispose()
