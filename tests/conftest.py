@@ -41,7 +41,7 @@ def pg_server_url() -> str:
     try:
         with sa.create_engine(url).connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    except Exception as e:  # a stated reason, not a silent pass
+    except sa.exc.SQLAlchemyError as e:  # a stated reason, not a silent pass
         pytest.skip(f"PostgreSQL at ${PG_ENV} is not reachable: {e.__class__.__name__}: {e}")
     return url
 

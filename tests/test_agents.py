@@ -1,0 +1,279 @@
+"""Sub-agents end to end: the real `openai` SDK over HTTP against a started simulated
+teacher, a real SQLite warehouse of BBC articles, the real skill file."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+from agents.gates import Gate
+from agents.loop import request_hash, run_agent
+from agents.providers import make_openai_client
+from agents.skills import Skill, SkillError, load_skill
+from agents.sql_tool import ScopedTable, SQLTool
+from agents.teacher import FINGERPRINT, TeacherConfig, TeacherServer
+
+LABELS = ["business", "entertainment", "politics", "sports", "tech"]
+COLUMNS = ["id", "title", "body", "published_at", "region", "word_count"]
+REGION, PAGE = "europe", 10
+
+
+@pytest.fixture(scope="module")
+def engine(small_warehouse_url):
+    engine = sa.create_engine(small_warehouse_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def gold(engine) -> dict[int, str]:
+    """id -> topic for the slice under test (what the teacher answers from)."""
+    with engine.connect() as conn:
+        q = sa.text("SELECT id, topic FROM articles WHERE region = :r ORDER BY id")
+        return dict(conn.execute(q, {"r": REGION}).all())
+
+
+def make_teacher(url: str, **kw) -> TeacherServer:
+    kw = {"error_rate": 0.0, "off_spec_rate": 0.0, **kw}
+    return TeacherServer(TeacherConfig(url, "articles", "id", "topic", LABELS, **kw))
+
+
+def run(base_url: str, engine, *, api_key="test-key", max_turns=40, client=None, **kw):
+    """Run one agent over the europe slice; return (result, examples, calls)."""
+    scoped = ScopedTable(
+        "articles", COLUMNS, "SELECT * FROM articles WHERE region = :r", {"r": REGION}, "id"
+    )
+    tool = SQLTool(engine, scoped, row_limit=200)
+    examples, calls = [], []
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT count(*) FROM articles WHERE region = :r"),
+                            {"r": REGION}).scalar_one()
+    result = run_agent(
+        client or make_openai_client(base_url, api_key, timeout=10, max_retries=0),
+        model="simulated-teacher", temperature=0.2, skill=load_skill("label-examples"),
+        task={"description": "Label a BBC News article with its topic.", "labels": LABELS,
+              "slice_id": f"region={REGION}", "rows": rows, "page_size": PAGE},
+        sql_tool=tool, gate=Gate(LABELS), row_lookup=tool.lookup_row,
+        on_example=examples.append, on_call=calls.append, max_turns=max_turns,
+        agent_name="agent-europe", **kw,
+    )
+    return result, examples, calls
+
+
+# ── the agent loop against the simulated teacher ───────────────────────────────────────────
+def test_every_row_gets_its_gold_label(small_warehouse_url, engine, gold, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    with make_teacher(small_warehouse_url, request_log=str(log)) as teacher:
+        result, examples, calls = run(teacher.base_url, engine)
+
+    accepted = [e for e in examples if e["status"] == "accepted"]
+    assert Counter(e["row_id"] for e in accepted) == Counter(list(gold))  # each row once
+    assert all(e["label"] == gold[e["row_id"]] for e in accepted)
+    assert all(e["row"]["id"] == e["row_id"] and "topic" not in e["row"] for e in accepted)
+    assert result.accepted == len(gold) and result.rejected == {} and result.tool_errors == 0
+    assert result.stopped_reason == "completed"
+
+    # 3 pages (10, 10, 8 rows) each read then submitted, then a plain "done" message
+    pages = -(-len(gold) // PAGE)
+    assert result.calls == len(calls) == 2 * pages + (len(gold) % PAGE == 0) + 1
+    assert all(c["status"] == "ok" and c["error"] is None for c in calls)
+    assert all(c["input_tokens"] > 0 and c["output_tokens"] > 0 for c in calls)
+    assert set(calls[0]) == {"provider", "model", "request_hash", "input_tokens",
+                             "output_tokens", "latency_ms", "status", "error"}
+    assert result.input_tokens == sum(c["input_tokens"] for c in calls)
+    assert result.output_tokens == sum(c["output_tokens"] for c in calls)
+
+    # the teacher's request log joins the agent's call records by request hash
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["request_hash"] for x in logged] == [c["request_hash"] for c in calls]
+    assert logged[0]["messages"] == 2 and logged[0]["model"] == "simulated-teacher"
+
+
+def test_off_spec_labels_are_rejected_then_corrected(small_warehouse_url, engine, gold):
+    with make_teacher(small_warehouse_url, off_spec_rate=0.3, error_rate=0.3, seed=7) as teacher:
+        result, examples, _ = run(teacher.base_url, engine)
+
+    rejected = [e for e in examples if e["status"] == "rejected"]
+    accepted = {e["row_id"]: e["label"] for e in examples if e["status"] == "accepted"}
+    assert rejected and result.rejected == {"label_not_in_set": len(rejected)}
+    assert all(e["label"] not in LABELS for e in rejected)
+    assert set(accepted) == set(gold) and result.accepted == len(gold)  # nothing lost
+    assert all(accepted[e["row_id"]] == gold[e["row_id"]] for e in rejected)  # corrected
+    # wrong-but-valid labels pass the gate: some accepted labels differ from gold
+    assert all(label in LABELS for label in accepted.values())
+    assert any(accepted[i] != gold[i] for i in gold)
+    assert result.stopped_reason == "completed"
+
+
+def test_teacher_noise_is_deterministic(small_warehouse_url, engine):
+    with make_teacher(small_warehouse_url, off_spec_rate=0.2, error_rate=0.2, seed=3) as t:
+        first = run(t.base_url, engine)[1]
+        second = run(t.base_url, engine)[1]
+    assert first == second
+
+
+def test_max_turns_is_honoured(small_warehouse_url, engine):
+    with make_teacher(small_warehouse_url) as teacher:
+        result, examples, calls = run(teacher.base_url, engine, max_turns=3)
+    assert result.stopped_reason == "max_turns"
+    assert result.calls == len(calls) == 3
+    assert result.accepted == len(examples) == PAGE  # read, submit, read
+
+
+def test_wrong_key_is_401_and_ends_the_agent(small_warehouse_url, engine):
+    with make_teacher(small_warehouse_url, api_key="right-key") as teacher:
+        result, examples, calls = run(teacher.base_url, engine, api_key="wrong-key")
+        client = make_openai_client(teacher.base_url, "right-key")
+        assert client.models.list().data
+        reply = client.chat.completions.create(
+            model="any-name", messages=[{"role": "user", "content": "hello"}])
+        assert reply.model == "any-name" and reply.system_fingerprint == FINGERPRINT
+        assert reply.choices[0].finish_reason == "stop" and reply.usage.total_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            make_openai_client(teacher.base_url, "wrong-key", max_retries=0).models.list()
+        no_key = httpx.post(f"{teacher.base_url}/chat/completions", json={})
+        assert no_key.status_code == 401
+        assert no_key.headers["x-posttrain-simulated"] == "true"
+    assert result.stopped_reason.startswith("llm_error: AuthenticationError")
+    assert result.calls == 1 and examples == []
+    assert calls[0]["status"] == "error" and "401" in calls[0]["error"]
+
+
+def test_unreachable_llm_is_recorded_not_dropped(small_warehouse_url, engine):
+    teacher = make_teacher(small_warehouse_url)
+    base_url = teacher.start()
+    teacher.stop()
+    result, _, calls = run(base_url, engine)
+    assert result.stopped_reason.startswith("llm_error: APIConnectionError")
+    assert len(calls) == 1 and calls[0]["status"] == "error"
+
+
+# ── tool misuse, scripted through the SDK's own HTTP transport ─────────────────────────────
+def scripted_client(replies: list[dict], seen: list[dict]) -> openai.OpenAI:
+    """An OpenAI client whose HTTP transport answers with `replies` in order."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        message = replies[len(seen) - 1]
+        return httpx.Response(200, json={
+            "id": f"chatcmpl-{len(seen)}", "object": "chat.completion", "created": 0,
+            "model": "scripted", "choices": [{
+                "index": 0, "message": {"role": "assistant", **message},
+                "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        })
+
+    return openai.OpenAI(api_key="k", base_url="http://scripted.invalid/v1", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+def tool_call(name: str, arguments: str, i: int = 0) -> dict:
+    return {"content": None, "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+def test_tool_misuse_goes_back_as_tool_errors(engine, gold):
+    some_id = next(iter(gold))
+    with engine.connect() as conn:
+        outsider = conn.execute(sa.text("SELECT id FROM articles WHERE region = 'uk'")).scalar()
+    replies = [
+        tool_call("sql", "{not json"),
+        tool_call("sql", json.dumps({"query": "SELECT topic FROM articles"})),
+        tool_call("sql", json.dumps({"query": "DELETE FROM articles"})),
+        tool_call("sql", json.dumps({"sql": "SELECT 1"})),
+        tool_call("drop_table", "{}"),
+        tool_call("submit_examples", json.dumps({"examples": [{"row_id": 1}] * 101})),
+        tool_call("submit_examples", json.dumps({"examples": [
+            {"row_id": some_id, "label": "sport"},
+            {"row_id": some_id, "label": gold[some_id]},
+            {"row_id": some_id, "label": gold[some_id]},
+            {"row_id": outsider, "label": "tech"},
+            {"row_id": some_id},
+        ]})),
+        {"content": "done"},
+    ]
+    seen: list[dict] = []
+    result, examples, calls = run(None, engine, client=scripted_client(replies, seen))
+
+    assert result.stopped_reason == "completed" and result.calls == len(replies)
+    assert result.tool_errors == 6
+    answers = [json.loads(m["content"]) for m in seen[-1]["messages"] if m["role"] == "tool"]
+    assert [a.get("error") for a in answers[:6]] == [
+        "invalid_arguments", "sql_rejected", "sql_rejected", "invalid_arguments",
+        "unknown_tool", "invalid_arguments"]
+    assert "topic" in answers[1]["message"] and "word_count" in answers[1]["message"]
+    verdict = answers[6]
+    assert verdict["accepted"] == 1
+    assert [r["reason"] for r in verdict["rejected"]] == [
+        "label_not_in_set", "duplicate", "row_not_in_slice", "invalid_schema"]
+    assert "'sport' is not one of: business, entertainment" in verdict["rejected"][0]["message"]
+    assert result.rejected == {"label_not_in_set": 1, "duplicate": 1, "row_not_in_slice": 1,
+                               "invalid_schema": 1}
+    assert [e["status"] for e in examples] == ["rejected", "accepted", "rejected", "rejected",
+                                               "rejected"]
+    # the system prompt pins the skill and the task; the first user message holds <slice>
+    system, user = seen[0]["messages"][:2]
+    assert "submit_examples" in system["content"] and "business, entertainment" in system["content"]
+    block = json.loads(user["content"].split("<slice>")[1].split("</slice>")[0])
+    assert block["columns"] == COLUMNS and "topic" not in block["columns"]
+    assert block["page_size"] == PAGE and block["rows"] == len(gold)
+    assert {t["function"]["name"] for t in seen[0]["tools"]} == {"sql", "submit_examples"}
+    h = request_hash("simulated-teacher", seen[0]["messages"], seen[0]["tools"],
+                     {"temperature": 0.2})
+    assert calls[0]["request_hash"] == h
+
+
+# ── the gate and the skill loader on their own ─────────────────────────────────────────────
+def test_gate_reasons_and_messages():
+    rows = {1: {"id": 1}, 2: {"id": 2}}
+    gate = Gate(LABELS)
+    lookup = rows.get
+    assert gate.check({"row_id": 1, "label": "tech"}, lookup).ok
+    assert gate.check({"row_id": 1, "label": "tech"}, lookup).reason == "duplicate"
+    assert gate.check({"row_id": 3, "label": "tech"}, lookup).reason == "row_not_in_slice"
+    bad = gate.check({"row_id": 2, "label": "world"}, lookup)
+    assert (bad.ok, bad.reason) == (False, "label_not_in_set")
+    assert "'world' is not one of: business, entertainment, politics, sports, tech" in bad.message
+    for item in ({"row_id": 2}, {"row_id": 2, "label": 5}, {"row_id": True, "label": "tech"},
+                 {"row_id": 2, "label": "tech", "why": "x"}, "2:tech", None):
+        assert gate.check(item, lookup).reason == "invalid_schema"
+    ok = gate.check({"row_id": 2, "label": "sports"}, lookup)
+    assert ok.ok and ok.row == {"id": 2} and gate.accepted_count == 2
+
+
+def test_load_default_skill():
+    skill = load_skill("label-examples")
+    assert isinstance(skill, Skill) and skill.name == "label-examples"
+    assert skill.description and "submit_examples" in skill.instructions
+    assert len(skill.version) == 12 and not skill.instructions.startswith("---")
+
+
+@pytest.mark.parametrize(
+    "folder, text, says",
+    [
+        ("my-skill", "---\ndescription: d\n---\nbody", "'name' is missing or blank"),
+        ("my-skill", "---\nname: my-skill\ndescription: '  '\n---\nbody", "'description'"),
+        ("my-skill", "---\nname: other-skill\ndescription: d\n---\nbody", "does not match"),
+        ("my-skill", "---\nname: My_Skill\ndescription: d\n---\nbody", "kebab-case"),
+        ("my-skill", "no front matter", "front matter"),
+        ("my-skill", "---\nname: my-skill\n", "not closed"),
+        ("my-skill", "---\nname: my-skill\ndescription: d\n---\n", "no instructions"),
+    ],
+)
+def test_skill_front_matter_is_validated(tmp_path, folder, text, says):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "SKILL.md").write_text(text)
+    with pytest.raises(SkillError, match=says):
+        load_skill(folder, tmp_path)
+
+
+def test_unknown_or_unsafe_skill_names(tmp_path):
+    with pytest.raises(SkillError, match="not found.*label-examples"):
+        load_skill("no-such-skill")
+    with pytest.raises(SkillError, match="kebab-case"):
+        load_skill("../label-examples")

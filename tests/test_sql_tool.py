@@ -1,0 +1,117 @@
+"""The read-only SQL tool: real SQLite warehouse, real sqlglot guard."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from agents.sql_tool import ScopedTable, SQLRejected, SQLTool
+
+COLUMNS = ["id", "title", "body", "published_at", "region", "word_count"]
+
+
+@pytest.fixture(scope="module")
+def engine(small_warehouse_url):
+    engine = sa.create_engine(small_warehouse_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def europe_ids(engine) -> list[int]:
+    with engine.connect() as conn:
+        q = sa.text("SELECT id FROM articles WHERE region = 'europe' ORDER BY id")
+        return [r[0] for r in conn.execute(q)]
+
+
+@pytest.fixture
+def tool(engine) -> SQLTool:
+    scoped = ScopedTable(
+        "articles", COLUMNS, "SELECT * FROM articles WHERE region = :r", {"r": "europe"}, "id"
+    )
+    return SQLTool(engine, scoped, row_limit=20)
+
+
+def test_sees_only_its_slice_and_allowed_columns(tool, europe_ids):
+    assert tool.run("SELECT count(*) AS n FROM articles")["rows"] == [{"n": len(europe_ids)}]
+    page = tool.run("SELECT * FROM articles ORDER BY id LIMIT 5 OFFSET 3")
+    assert [r["id"] for r in page["rows"]] == europe_ids[3:8]
+    assert set(page["rows"][0]) == set(COLUMNS)  # `*` never shows the gold column
+    assert {r["region"] for r in page["rows"]} == {"europe"}
+
+
+def test_row_limit_truncates(tool, europe_ids):
+    assert len(europe_ids) > 20
+    res = tool.run("SELECT id FROM articles")
+    assert res["row_count"] == 20 and res["truncated"] is True
+    res = tool.run("SELECT id FROM articles ORDER BY id LIMIT 7")
+    assert res["row_count"] == 7 and res["truncated"] is False
+    res = tool.run("SELECT id FROM articles UNION SELECT id FROM articles ORDER BY 1 LIMIT 500")
+    assert res["row_count"] == 20 and res["truncated"] is True
+
+
+def test_agent_ctes_merge_after_the_slice(tool, europe_ids):
+    res = tool.run(
+        "WITH recent AS (SELECT id, published_at AS day FROM articles) "
+        "SELECT count(*) AS n FROM recent r JOIN articles a ON a.id = r.id"
+    )
+    assert res["rows"] == [{"n": len(europe_ids)}]
+    assert tool.build("WITH x AS (SELECT id FROM articles) SELECT * FROM x").startswith(
+        "WITH _pt_slice AS ("
+    )
+
+
+def test_colons_in_agent_literals_do_not_bind(tool):
+    res = tool.run("SELECT '10:30' AS t, id FROM articles WHERE title <> ':r' LIMIT 1")
+    assert res["rows"][0]["t"] == "10:30"
+
+
+@pytest.mark.parametrize(
+    "sql, says",
+    [
+        ("SELECT topic FROM articles", "column 'topic' is not available"),
+        ('SELECT "TOPIC" FROM articles', "is not available"),
+        ("SELECT id FROM articles WHERE topic = 'tech'", "column 'topic'"),
+        ("DELETE FROM articles", "only SELECT"),
+        ("UPDATE articles SET title = 'x'", "only SELECT"),
+        ("DROP TABLE articles", "only SELECT"),
+        ("INSERT INTO articles SELECT * FROM articles", "only SELECT"),
+        ("WITH d AS (DELETE FROM articles RETURNING id) SELECT * FROM d", "DELETE is not allowed"),
+        ("SELECT 1; SELECT 2", "exactly one SQL statement, got 2"),
+        ("SELECT id FROM articles; DROP TABLE articles", "exactly one"),
+        ("SELECT * FROM sqlite_master", "table 'sqlite_master' is not available"),
+        ("SELECT * FROM users", "table 'users' is not available"),
+        ("SELECT * FROM main.articles", "qualified table names"),
+        ("SELECT * FROM pragma_table_info('articles')", "table functions"),
+        ("SELECT load_extension('x')", "load_extension"),
+        ("SELECT id FROM articles WHERE id = :x", "bind parameters"),
+        ("VACUUM INTO '/tmp/x.db'", "only SELECT"),
+        ("ATTACH DATABASE '/tmp/x.db' AS x", "only SELECT"),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r",
+         "recursive"),
+        ("WITH articles AS (SELECT 1 AS id) SELECT * FROM articles", "may not be named"),
+        ("", "empty"),
+        ("SELEC id FROM", "does not parse"),
+    ],
+)
+def test_rejections_say_what_to_change(tool, sql, says):
+    with pytest.raises(SQLRejected) as info:
+        tool.run(sql)
+    assert says in info.value.reason
+
+
+def test_lookup_row(tool, europe_ids):
+    row = tool.lookup_row(europe_ids[0])
+    assert row["id"] == europe_ids[0] and "topic" not in row
+    assert tool.lookup_row(str(europe_ids[0]))["id"] == europe_ids[0]
+    with tool.engine.connect() as conn:
+        outsider = conn.execute(sa.text("SELECT id FROM articles WHERE region = 'uk'")).scalar()
+    assert tool.lookup_row(outsider) is None
+    assert tool.lookup_row(10**9) is None
+
+
+def test_scoped_table_validates_identifiers():
+    with pytest.raises(ValueError, match="id_column"):
+        ScopedTable("articles", ["title"], "SELECT title FROM articles", {}, "id")
+    with pytest.raises(ValueError, match="plain SQL identifier"):
+        ScopedTable("articles; drop", ["id"], "SELECT id FROM articles", {}, "id")
