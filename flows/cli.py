@@ -69,12 +69,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         except SpecError as e:
             print("\n".join(e.problems), file=sys.stderr)
             return 2
-        defaults = dict(
-            warehouse_url=spec.warehouse.url, table=spec.slicing.table,
-            id_column=spec.slicing.id_column, gold_column=spec.task.gold_column,
-            labels=spec.task.labels, error_rate=spec.teacher.error_rate,
-            off_spec_rate=spec.teacher.off_spec_rate, seed=spec.teacher.seed,
-        )
+        defaults = {
+            "warehouse_url": spec.warehouse.url, "table": spec.slicing.table,
+            "id_column": spec.slicing.id_column, "gold_column": spec.task.gold_column,
+            "labels": spec.task.labels, "error_rate": spec.teacher.error_rate,
+            "off_spec_rate": spec.teacher.off_spec_rate, "seed": spec.teacher.seed,
+        }
     given = {
         "warehouse_url": args.warehouse, "table": args.table, "id_column": args.id_column,
         "gold_column": args.gold_column,

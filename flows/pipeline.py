@@ -162,14 +162,19 @@ def generate_slice(descriptor: SliceDescriptor, settings: AgentSettings) -> dict
 # ── 3. curate ───────────────────────────────────────────────────────────────────────────────
 @task(name="curate", cache_policy=NO_CACHE)
 def curate(spec: Spec, store_url: str, run_id: str, out_dir: Path, mlflow_run_id: str) -> dict:
+    """Exact dedup, drop anything identical to a held-out prompt, write the JSONL, log it."""
     examples = _store(store_url).accepted_examples(run_id)
+    held_out = {render_prompt(spec, r) for r in fetch_eval_rows(spec, _engine(spec.warehouse.url))}
     seen: set[str] = set()
-    kept = []
+    kept, duplicates, leaks = [], 0, 0
     for ex in sorted(examples, key=lambda e: (e["slice_id"], e["row_id"])):
-        if ex["content_hash"] in seen:  # exact duplicate: same prompt and completion
-            continue
+        if ex["content_hash"] in seen:  # the same prompt and completion twice
+            duplicates += 1
+        elif ex["prompt"] in held_out:  # a copy of an evaluation row would inflate accuracy
+            leaks += 1
+        else:
+            kept.append({"prompt": ex["prompt"], "completion": ex["completion"]})
         seen.add(ex["content_hash"])
-        kept.append({"prompt": ex["prompt"], "completion": ex["completion"]})
     if not kept:
         raise RuntimeError("no accepted examples to train on: see the rejections in the store")
     path = out_dir / "data" / "train.jsonl"
@@ -177,10 +182,10 @@ def curate(spec: Spec, store_url: str, run_id: str, out_dir: Path, mlflow_run_id
     path.write_text("".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     tracking.log_train_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
-    get_run_logger().info("curated %d examples (%d duplicates dropped), sha256 %s",
-                          len(kept), len(examples) - len(kept), digest[:16])
-    return {"path": str(path), "n": len(kept), "duplicates": len(examples) - len(kept),
-            "sha256": digest}
+    get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows "
+                          "dropped), sha256 %s", len(kept), duplicates, leaks, digest[:16])
+    return {"path": str(path), "n": len(kept), "duplicates": duplicates,
+            "eval_copies": leaks, "sha256": digest}
 
 
 # ── 4. train ────────────────────────────────────────────────────────────────────────────────
@@ -344,6 +349,8 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "input_tokens": calls["input_tokens"],
             "output_tokens": calls["output_tokens"],
             "train_examples": dataset["n"],
+            "duplicates_dropped": dataset["duplicates"],
+            "eval_copies_dropped": dataset["eval_copies"],
             "train_loss": train_result.get("train_loss"),
             "eval_examples": ev["n"],
             "base_accuracy": ev["base"]["accuracy"],

@@ -7,7 +7,7 @@ created (a task run alone, a deployment without a terminal), every call is a no-
 
 from __future__ import annotations
 
-import re
+import json
 import threading
 import uuid
 
@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 _LIVE: dict[str, Progress] = {}
-_STEP = re.compile(r"\[posttrain\] step (\d+)/(\d+)(?: loss ([0-9.]+))?")
+_PROGRESS = "[progress] "  # training/sft.py prints `[progress] {"step": ..., "loss": ...}`
 
 
 class Progress:
@@ -65,9 +65,14 @@ class Progress:
                     self._rich.stop()
 
     def training_line(self, line: str) -> None:
-        """Feed one line of the training log; `[posttrain] step N/M loss X` moves the bar."""
-        m = _STEP.search(line)
-        if m and self._rich and "train" in self._bars:
-            with self._lock:
-                note = f"loss {float(m.group(3)):.3f}" if m.group(3) else ""
-                self._rich.update(self._bars["train"], completed=int(m.group(1)), note=note)
+        """Feed one line of the training log; a `[progress] {json}` line moves the bar."""
+        if not (self._rich and "train" in self._bars and line.startswith(_PROGRESS)):
+            return
+        try:
+            event = json.loads(line[len(_PROGRESS):])
+        except json.JSONDecodeError:
+            return
+        note = f"loss {event['loss']:.3f}" if isinstance(event.get("loss"), float) else None
+        with self._lock:
+            self._rich.update(self._bars["train"], completed=int(event.get("step", 0)),
+                              **({"note": note} if note else {}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -65,7 +66,10 @@ def log_train_dataset(run_id: str, path: Path, digest: str, name: str) -> None:
     import pandas as pd
 
     df = pd.read_json(path, lines=True)
-    dataset = mlflow.data.from_pandas(df, source=str(path.resolve()), name=name, digest=digest)
+    with warnings.catch_warnings():  # a local path matches two equivalent source types
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_pandas(df, source=str(path.resolve()), name=name,
+                                          digest=digest)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context="training")
         mlflow.log_artifact(str(path), artifact_path="dataset")

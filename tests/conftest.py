@@ -58,3 +58,12 @@ def pg_schema_url(pg_server_url):
     with engine.begin() as conn:
         conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real, temporary Prefect API server for the session (stopped before pytest exits)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

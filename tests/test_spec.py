@@ -71,8 +71,8 @@ BROKEN = {
     ),
     "gold_column_allow_listed": (
         lambda d: d["warehouse"]["tables"]["articles"].append("topic"),
-        ["task.gold_column: 'topic' is allow-listed in warehouse.tables.articles: remove it "
-         "there, agents must never read the gold label"],
+        [("task.gold_column: 'topic' is allow-listed in warehouse.tables.articles: remove it "
+         "there, agents must never read the gold label")],
     ),
     "slice_table_not_allowed": (
         lambda d: d["slicing"].update(table="users"),
@@ -151,7 +151,15 @@ def test_missing_file(tmp_path, capsys):
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     exe = shutil.which("posttrain") or str(Path(sys.executable).parent / "posttrain")
     path = _write(tmp_path, _broken(lambda d: d["generation"].update(concurrency=0)))
-    proc = subprocess.run([exe, "validate", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([exe, "validate", str(path)], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 2
     assert proc.stdout == "generation.concurrency: must be at least 1, got 0\n"
     assert "Traceback" not in proc.stderr
+
+
+def test_readme_shows_the_demo_spec_verbatim():
+    readme = (DEMO.parent.parent.parent / "README.md").read_text()
+    block = readme.split("The demo spec, complete:\n\n```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert block == DEMO.read_text().rstrip("\n")
+    assert main(["validate", str(DEMO)]) == 0
