@@ -1,0 +1,234 @@
+"""Supervised fine-tuning of a tiny causal LM with TRL, the script Accelerate launches.
+
+    accelerate launch --config_file training/accelerate/cpu.yaml \\
+        -m training.sft --config RUN_DIR/sft_config.json
+
+The JSON config (written by `training.launch.launch_sft`) holds:
+    train_file      JSONL of {"prompt", "completion"}
+    eval_file       optional JSONL of the same shape: eval loss is reported at the end
+    output_dir      gets base/ (the untrained model), final/ (the trained one),
+                    train_result.json
+    tiny            {hidden_size, num_layers, num_heads, intermediate_size,
+                     max_position_embeddings, vocab_size}
+    seed, max_steps, learning_rate, batch_size, lr_scheduler, warmup_ratio, max_length,
+    threads, logging_steps (optional)
+    mlflow          optional {tracking_uri, experiment, parent_run_id, run_name}: the run is
+                    logged as a child of parent_run_id (rank 0 only)
+
+Progress goes to stdout as lines `[progress] {"step": .., "max_steps": .., "loss": ..}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from training.launch import PROGRESS_PREFIX
+from training.tiny_model import build_tiny_model, train_tokenizer
+
+
+class ProgressPrinter(TrainerCallback):
+    """One parseable stdout line per logging step, for the launcher's progress feed."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            line = {"step": state.global_step, "max_steps": state.max_steps}
+            line.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+            print(PROGRESS_PREFIX + json.dumps(line), flush=True)
+
+
+def read_examples(path: str) -> Dataset:
+    """A JSONL file of {"prompt", "completion"} as a Dataset (no datasets cache involved)."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                example = {k: row.get(k) for k in ("prompt", "completion")}
+                if not all(isinstance(v, str) for v in example.values()):
+                    raise ValueError(f"{path}:{n}: needs string fields prompt and completion")
+                rows.append(example)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return Dataset.from_list(rows)
+
+
+def no_activation_checkpointing() -> dict:
+    """Checkpointing off (TRL defaults it on); transformers 5.24 renamed the field."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    new = "activation_checkpointing"
+    return {new if new in names else "gradient_checkpointing": False}
+
+
+def start_child_run(cfg: dict):
+    """Start (on rank 0) the MLflow run the Trainer's MLflowCallback will log into.
+
+    An already active run makes the callback log there and leave ending it to us. The run is
+    created under `parent_run_id` (in the parent's experiment) when one is given."""
+    import mlflow
+
+    # A stale MLFLOW_RUN_ID would hijack start_run; nesting is explicit here.
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    os.environ.pop("MLFLOW_NESTED_RUN", None)
+    if cfg.get("tracking_uri"):
+        mlflow.set_tracking_uri(cfg["tracking_uri"])
+    parent = cfg.get("parent_run_id")
+    if parent:
+        experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+    else:
+        experiment_id = mlflow.set_experiment(cfg.get("experiment") or "posttrain").experiment_id
+    return mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=cfg.get("run_name") or "sft",
+        parent_run_id=parent,
+        tags={"posttrain.stage": "sft"},
+    )
+
+
+def main(config_path: str) -> dict:
+    cfg = json.loads(Path(config_path).read_text())
+    out = Path(cfg["output_dir"])
+    tiny = cfg["tiny"]
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    set_seed(int(cfg.get("seed", 0)))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+    # ── data ──────────────────────────────────────────────────────────────────────────────────
+    train = read_examples(cfg["train_file"])
+    evaluation = read_examples(cfg["eval_file"]) if cfg.get("eval_file") else None
+
+    # ── tokenizer and model (built locally, seeded; every rank builds the same ones) ──────────
+    tokenizer = train_tokenizer(
+        (p + c for p, c in zip(train["prompt"], train["completion"], strict=True)),
+        vocab_size=int(tiny["vocab_size"]),
+    )
+    model = build_tiny_model(
+        tokenizer,
+        hidden_size=int(tiny["hidden_size"]),
+        num_layers=int(tiny["num_layers"]),
+        num_heads=int(tiny["num_heads"]),
+        intermediate_size=int(tiny["intermediate_size"]),
+        max_position_embeddings=int(tiny.get("max_position_embeddings", 512)),
+        seed=int(cfg.get("seed", 0)),
+    )
+
+    # ── training config: CPU-safe overrides of TRL's GPU-minded defaults ──────────────────────
+    max_steps = int(cfg["max_steps"])
+    mlflow_cfg = cfg.get("mlflow") or None
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=max_steps,
+        learning_rate=float(cfg["learning_rate"]),
+        per_device_train_batch_size=int(cfg["batch_size"]),
+        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
+        warmup_steps=round(float(cfg.get("warmup_ratio", 0.0)) * max_steps),
+        max_length=int(cfg.get("max_length", 256)),
+        seed=int(cfg.get("seed", 0)),
+        data_seed=int(cfg.get("seed", 0)),
+        bf16=False,
+        use_cpu=True,
+        **no_activation_checkpointing(),
+        logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=["mlflow"] if mlflow_cfg else "none",
+        run_name=(mlflow_cfg or {}).get("run_name") or "sft",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every parameter is used; skips a graph walk
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        callbacks=[ProgressPrinter()],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressPrinter says it once, parseably
+    rank0 = trainer.is_world_process_zero()
+    n_dropped = len(train) - len(trainer.train_dataset)
+    if n_dropped == len(train):
+        raise SystemExit(
+            f"training.max_length: all {len(train)} examples were dropped because their prompts "
+            f"alone fill max_length={args.max_length} tokens; raise max_length"
+        )
+    if n_dropped and rank0:
+        print(f"warning: {n_dropped} of {len(train)} examples dropped: prompt fills max_length")
+
+    # the untrained model, so the pipeline can report how far training moved it
+    if rank0:
+        trainer.model.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+
+    run = start_child_run(mlflow_cfg) if (rank0 and mlflow_cfg) else None
+
+    # ── train ─────────────────────────────────────────────────────────────────────────────────
+    started = time.perf_counter()
+    try:
+        output = trainer.train()
+    except BaseException:
+        if run is not None:
+            import mlflow
+
+            mlflow.end_run(status="FAILED")
+        raise
+    train_seconds = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluation is not None else None
+
+    # ── save and report ───────────────────────────────────────────────────────────────────────
+    trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
+    trainer.accelerator.wait_for_everyone()
+    if not rank0:
+        return {}
+    tokenizer.save_pretrained(out / "final")
+    tokens = next(
+        (h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), None
+    )
+    result = {
+        "train_loss": float(output.training_loss),
+        "final_loss": next(
+            (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
+        ),
+        "eval_loss": eval_loss,
+        "steps": int(output.global_step),
+        "train_runtime": float(output.metrics.get("train_runtime", train_seconds)),
+        "train_seconds": train_seconds,
+        "num_tokens": tokens,
+        "tokens_per_second": tokens / output.metrics["train_runtime"] if tokens else None,
+        "n_train": len(train) - n_dropped,
+        "n_dropped": n_dropped,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "base_dir": str(out / "base"),
+        "final_dir": str(out / "final"),
+        "mlflow_run_id": run.info.run_id if run else None,
+    }
+    (out / "train_result.json").write_text(json.dumps(result, indent=2))
+    if run is not None:
+        import mlflow
+
+        numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and k != "steps"}
+        mlflow.log_metrics({f"result/{k}": float(v) for k, v in numbers.items()})
+        mlflow.log_params({f"tiny.{k}": v for k, v in tiny.items()})
+        mlflow.flush_async_logging()
+        mlflow.end_run()
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="TRL SFT of a tiny causal LM")
+    parser.add_argument("--config", required=True, help="path to the JSON run config")
+    main(parser.parse_args().config)
