@@ -1,0 +1,204 @@
+"""One LLM call, the same way for every agent: cache → budget → rate limit → provider → ledger
+(docs/agent-runtime.md, "Gateway").
+
+A cache hit returns at once (0 tokens, $0). Otherwise the ledger must allow the call, then up
+to 1 + max_retries attempts run, each inside a slot of the endpoint's `AdaptiveLimiter`; a
+retryable `ProviderError` throttles the limiter (429/529), backs off (exponential, seeded
+jitter, never less than the server's retry-after) and retries; anything else raises at once.
+Every attempt that reached the provider, and every cache hit, goes to `on_call(record)`.
+
+The cache key (`request_key`) hashes the API and the request content, NOT the endpoint: the
+endpoint is transport (which server, which rate-limit bucket), and the same request through a
+proxy, a mirror or a moved base URL should replay the same reply. Serving different weights
+under one model name at two endpoints would therefore share entries: name models distinctly.
+
+One gateway per role is shared by many agent threads; it holds no per-call state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from agents.ledger import BudgetExceeded, CostLedger
+from agents.providers import Completion, Provider, ProviderError, parse_json_reply
+from agents.ratelimit import AdaptiveLimiter, limiter_for
+from agents.redact import redact
+
+__all__ = ["BudgetExceeded", "CallCache", "LLMGateway", "MemoryCache", "request_key"]
+
+_THROTTLES = ("rate_limited", "overloaded")
+
+
+class CallCache(Protocol):
+    def get(self, key: str) -> dict | None: ...
+    def put(self, key: str, *, api: str, model: str, response: dict) -> None: ...
+
+
+class MemoryCache:
+    """A thread-safe in-process `CallCache` (the store implements the persistent one)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._data.get(key)
+
+    def put(self, key: str, *, api: str, model: str, response: dict) -> None:
+        del api, model  # the store keeps them as columns; here the key is enough
+        with self._lock:
+            self._data[key] = dict(response)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def request_key(api: str, endpoint: str | None, model: str, messages: list[dict],
+                tools: list[dict] | None, params: dict) -> str:
+    """sha256 of the canonical JSON of what determines a reply; `endpoint` is deliberately
+    left out (see the module docstring)."""
+    del endpoint
+    blob = json.dumps(
+        {"api": api, "model": model, "messages": messages, "tools": tools or [],
+         "params": params},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class LLMGateway:
+    def __init__(self, provider: Provider, *, role: str, cache: CallCache | None = None,
+                 ledger: CostLedger | None = None, limiter: AdaptiveLimiter | None = None,
+                 on_call: Callable[[dict], None] | None = None, max_retries: int = 4,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 max_retry_after: float = 120.0, seed: int = 0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.provider = provider
+        self.role = role
+        self.cache = cache
+        self.ledger = ledger if ledger is not None else CostLedger()
+        self.limiter = limiter if limiter is not None else limiter_for(provider.endpoint)
+        self.on_call = on_call or (lambda record: None)
+        self.max_retries = max_retries
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.max_retry_after = max_retry_after  # a server asking for longer: give up
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._sleep = sleep
+
+    def complete(self, *, model: str, messages: list[dict], tools: list[dict] | None = None,
+                 temperature: float | None = None, max_tokens: int | None = None,
+                 agent: str, slice_id: str | None = None) -> Completion:
+        params = {"temperature": temperature, "max_tokens": max_tokens}
+        key = request_key(self.provider.api, self.provider.endpoint, model, messages, tools,
+                          params)
+
+        def call() -> tuple[Completion, dict | None]:
+            return self.provider.complete(model=model, messages=messages, tools=tools,
+                                          temperature=temperature, max_tokens=max_tokens), None
+
+        completion, _ = self._run(key, model, agent, slice_id, call)
+        return completion
+
+    def complete_json(self, *, model: str, messages: list[dict], schema: dict,
+                      schema_name: str, temperature: float | None = None,
+                      max_tokens: int | None = None, agent: str,
+                      slice_id: str | None = None) -> dict:
+        params = {"temperature": temperature, "max_tokens": max_tokens, "schema": schema,
+                  "schema_name": schema_name, "structured": True}
+        key = request_key(self.provider.api, self.provider.endpoint, model, messages, None,
+                          params)
+
+        def call() -> tuple[Completion, dict | None]:
+            data, completion = self.provider.complete_json(
+                model=model, messages=messages, schema=schema, schema_name=schema_name,
+                temperature=temperature, max_tokens=max_tokens)
+            return completion, data
+
+        completion, data = self._run(key, model, agent, slice_id, call)
+        return data if data is not None else parse_json_reply(completion)
+
+    # ── the path ────────────────────────────────────────────────────────────────────────────
+    def _run(self, key, model, agent, slice_id, call):
+        base = {"role": self.role, "agent": agent, "slice_id": slice_id,
+                "api": self.provider.api, "model": model, "request_hash": key}
+        hit = self._cached(key)
+        if hit is not None:
+            self.on_call(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0))
+            return hit
+        self.ledger.check()
+        attempt = 0
+        while True:
+            attempt += 1
+            with self.limiter.slot():
+                started = time.perf_counter()
+                try:
+                    completion, data = call()
+                except ProviderError as e:
+                    error, latency = e, _ms(started)
+                else:
+                    error, latency = None, _ms(started)
+            if error is None:
+                self.limiter.on_success()
+                cost = self.ledger.add(self.role, model, agent, slice_id, completion)
+                if self.cache is not None:
+                    response = completion.to_dict() | ({"json": data} if data is not None else {})
+                    self.cache.put(key, api=self.provider.api, model=model, response=response)
+                self.on_call(_record(base, completion, cost, latency, cached=False, error=None,
+                                     attempt=attempt))
+                return completion, data
+            self._failed(base, error, latency, attempt, model, agent, slice_id)
+
+    def _failed(self, base, error: ProviderError, latency, attempt, model, agent, slice_id):
+        """Record a failed attempt; raise it, or throttle and back off before the next."""
+        spent = error.completion  # the model answered but unusably: its tokens were paid for
+        cost = self.ledger.add(self.role, model, agent, slice_id, spent) if spent else 0.0
+        message = redact(f"{error.kind}: {error.message}")[:500]
+        self.on_call(_record(base, spent, cost, latency, cached=False, error=message,
+                             attempt=attempt))
+        if error.kind in _THROTTLES:
+            self.limiter.on_throttle(error.retry_after)
+        too_long = (error.retry_after or 0) > self.max_retry_after
+        if not error.retryable or attempt > self.max_retries or too_long:
+            raise error
+        self._sleep(self._backoff(attempt, error.retry_after))
+        self.ledger.check()
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        with self._rng_lock:
+            jitter = 0.5 + self._rng.random() / 2
+        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * jitter
+        return max(delay, retry_after or 0.0)
+
+    def _cached(self, key: str) -> tuple[Completion, dict | None] | None:
+        entry = self.cache.get(key) if self.cache is not None else None
+        if entry is None:
+            return None
+        try:
+            return Completion.from_dict(entry), entry.get("json")
+        except (TypeError, KeyError, ValueError):
+            return None  # an unreadable entry is a miss; the fresh reply overwrites it
+
+
+def _record(base: dict, usage: Completion | None, cost: float, latency: float, *,
+            cached: bool, error: str | None, attempt: int) -> dict:
+    return {
+        **base, "cached": cached,
+        "input_tokens": usage.input_tokens if usage else 0,
+        "output_tokens": usage.output_tokens if usage else 0,
+        "cache_read_tokens": usage.cache_read_tokens if usage else 0,
+        "cache_write_tokens": usage.cache_write_tokens if usage else 0,
+        "cost_usd": cost, "latency_ms": latency,
+        "status": "ok" if error is None else "error", "error": error, "attempt": attempt,
+    }
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
