@@ -8,8 +8,10 @@
     label_not_in_set   the label is not one of the task's labels
     duplicate          this row was already accepted in this run
     row_not_in_slice   row_lookup(row_id) found no such row in the agent's slice
+    copy_of_eval_row   the row's text equals a held-out evaluation row (`is_eval_copy`)
 
-Each rejection's `message` tells the agent how to fix it.
+Each rejection's `message` tells the agent how to fix it. Rejections decided later (the
+judge disagreeing, a re-review) call `gate.forget(row_id)` so the row can be labelled again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ INVALID_SCHEMA = "invalid_schema"
 LABEL_NOT_IN_SET = "label_not_in_set"
 DUPLICATE = "duplicate"
 ROW_NOT_IN_SLICE = "row_not_in_slice"
+COPY_OF_EVAL_ROW = "copy_of_eval_row"
 
 
 class SubmittedExample(BaseModel):
@@ -46,12 +49,18 @@ class GateResult:
 class Gate:
     """Checks submitted items against the label set, the slice, and what was accepted."""
 
-    def __init__(self, labels: list[str]):
+    def __init__(self, labels: list[str],
+                 is_eval_copy: Callable[[dict], bool] | None = None):
         if not labels:
             raise ValueError("a gate needs a non-empty label set")
         self.labels = list(labels)
         self._label_set = set(labels)
         self._accepted: set[str] = set()
+        self._is_eval_copy = is_eval_copy
+
+    def forget(self, row_id: str | int) -> None:
+        """A row accepted here was rejected afterwards: let it be submitted again."""
+        self._accepted.discard(str(row_id))
 
     @property
     def accepted_count(self) -> int:
@@ -93,6 +102,13 @@ class Gate:
                 False, ROW_NOT_IN_SLICE,
                 f"row {ex.row_id!r} is not in your slice; submit only row ids your sql "
                 f"queries returned",
+                **fields,
+            )
+        if self._is_eval_copy is not None and self._is_eval_copy(row):
+            return GateResult(
+                False, COPY_OF_EVAL_ROW,
+                f"row {ex.row_id!r} duplicates a held-out evaluation row and cannot be used "
+                f"for training; skip it",
                 **fields,
             )
         self._accepted.add(key)

@@ -1,48 +1,76 @@
-"""The agent loop: one sub-agent labels one slice through an OpenAI-compatible chat API.
+"""The agent loop: one sub-agent labels one slice, through any provider, kept on spec.
 
-    system  = the skill's instructions + the pinned task (description, labels)
-    user    = a <slice> block (JSON) the agent reads to know its table, columns, page size
-    repeat up to max_turns LLM calls:
-        call chat.completions with the `sql` and `submit_examples` tools -> on_call(record)
-        no tool calls in the reply          -> stop: "completed"
-        each tool call -> validate its arguments (pydantic), run it, answer with a tool message
-            sql              -> SQLTool.run (rejections and errors go back as tool errors)
-            submit_examples  -> each item through the Gate -> on_example(accepted|rejected)
-    a failed LLM call (after the SDK's own retries) -> stop: "llm_error: ..."
+    memory   = pinned: the skill + the task (system), the <slice> block (user); then turns
+    repeat up to max_turns:
+        gateway.complete(memory.messages(), tools)      cache → budget → rate limit → provider
+        no tool calls:   rows left? nudge (max_nudges) : stop "completed"
+        each tool call:  arguments validated (pydantic); misuse goes back as a tool error
+            sql              → SQLTool.run (guarded, read-only, scoped to the slice)
+            submit_examples  → Gate → (a sample, or all while re-anchored) Judge → accepted
+        the turn (assistant + tool results) goes into memory, pruned to the token budget
+        every gated/judged example feeds the DriftPolicy:
+            first alarm → re-anchor: memory reset to the pinned spec, judge every example,
+                          re-review the unjudged examples accepted lately (revoke the bad)
+            alarm again → stop "drift: ..."
+    a failed LLM call (after the gateway's retries) → stop "llm_error: ..."
+    the budget spent → stop "budget: ..."
 
-Nothing here knows about Prefect or the pipeline: callers pass plain objects and two
-callbacks, and get an `AgentResult` back.
+Nothing here knows about Prefect or the pipeline: callers pass plain objects and one
+callback (`on_example`); every LLM call is recorded by the gateway's own `on_call`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import openai
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from agents.gates import Gate
+from agents.drift import DriftPolicy
+from agents.gates import Gate, GateResult
+from agents.gateway import BudgetExceeded, LLMGateway
+from agents.judge import Judge, should_sample
+from agents.memory import AgentMemory
+from agents.providers import Completion, ProviderError
 from agents.skills import Skill
 from agents.sql_tool import SQLRejected, SQLTool
 
 MAX_SUBMIT = 100
+JUDGE_DISAGREED = "judge_disagreed"
+
+
+@dataclass
+class AgentConfig:
+    model: str
+    temperature: float = 0.2
+    max_tokens: int = 4096
+    max_turns: int = 60
+    memory_budget_tokens: int = 16000
+    judge_sample_rate: float = 0.2
+    max_nudges: int = 2
+    seed: int = 0
 
 
 @dataclass
 class AgentResult:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    revoked: int = 0
     calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
     tool_errors: int = 0
+    misuse: dict[str, int] = field(default_factory=dict)  # tool misuse by kind
+    judged: int = 0
+    reanchors: int = 0
+    drift_alarm_call: int | None = None
+    max_context_tokens: int = 0
+    pruned_turns: int = 0
     stopped_reason: str = ""
+    transcript: list[dict] = field(default_factory=list)  # what happened, unpruned
 
 
 # ── tools: what the model sees, and how its arguments are validated ────────────────────────
@@ -103,7 +131,7 @@ def tool_specs(table: str, labels: list[str]) -> list[dict]:
     ]
 
 
-# ── the opening messages ───────────────────────────────────────────────────────────────────
+# ── the opening (pinned) messages ──────────────────────────────────────────────────────────
 def build_messages(skill: Skill, task: dict, sql_tool: SQLTool) -> list[dict]:
     """System prompt (skill + pinned task) and the first user message with the <slice>."""
     required = ("description", "labels", "slice_id", "rows", "page_size")
@@ -124,10 +152,16 @@ def build_messages(skill: Skill, task: dict, sql_tool: SQLTool) -> list[dict]:
         "labels": list(task["labels"]),
         "page_size": task["page_size"],
     }
+    if task.get("want_labels"):  # a targeted top-up: only rows of these labels are wanted
+        block["want_labels"] = list(task["want_labels"])
     user = (
         f"Label every row of your slice, following the skill.\n<slice>\n"
         f"{json.dumps(block)}\n</slice>"
     )
+    if task.get("want_labels"):
+        user = (f"Top-up: submit only rows whose label is one of "
+                f"{', '.join(task['want_labels'])}; skip the others.\n<slice>\n"
+                f"{json.dumps(block)}\n</slice>")
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -141,155 +175,267 @@ def request_hash(model: str, messages: list[dict], tools: list[dict], params: di
 
 
 # ── the loop ───────────────────────────────────────────────────────────────────────────────
+class _Agent:
+    """The state of one running agent; `run_agent` below is the whole story."""
+
+    def __init__(self, gateway, config, skill, task, sql_tool, gate, row_lookup, on_example,
+                 agent_name, slice_id, judge, drift):
+        self.gateway: LLMGateway = gateway
+        self.config: AgentConfig = config
+        self.task, self.sql_tool, self.gate = task, sql_tool, gate
+        self.row_lookup, self.on_example = row_lookup, on_example
+        self.agent, self.slice_id = agent_name, slice_id
+        self.judge: Judge | None = judge
+        self.drift: DriftPolicy | None = drift
+        self.tools = tool_specs(sql_tool.scoped.name, task["labels"])
+        self.memory = AgentMemory(config.memory_budget_tokens)
+        self.result = AgentResult(stopped_reason="max_turns")
+        for message in build_messages(skill, task, sql_tool):
+            self.memory.pin(message)
+            self.result.transcript.append(message)
+        self.labelled: dict[str, str] = {}     # row_id -> accepted label
+        self.unjudged: list[dict] = []         # accepted, not yet reviewed: re-review material
+        self.judge_all = False                 # after a drift alarm, every example is judged
+        self.nudges = 0
+        self.last_id: Any = None
+        self.just_reanchored = False           # this turn reset memory: don't add it back
+
+    # one LLM call
+    def call(self) -> Completion | None:
+        try:
+            return self.gateway.complete(
+                model=self.config.model, messages=self.memory.messages(), tools=self.tools,
+                temperature=self.config.temperature, max_tokens=self.config.max_tokens,
+                agent=self.agent, slice_id=self.slice_id)
+        except BudgetExceeded as e:
+            self.result.stopped_reason = f"budget: {e}"
+        except ProviderError as e:
+            self.result.stopped_reason = f"llm_error: {e.kind}: {str(e)[:300]}"
+        return None
+
+    def finished_early(self, reply: dict) -> bool:
+        """The model stopped calling tools: nudge it while rows remain, else it is done."""
+        remaining = self.task["rows"] - len(self.labelled)
+        if remaining <= 0 or self.nudges >= self.config.max_nudges or self.task.get("want_labels"):
+            return True
+        self.nudges += 1
+        after = "" if self.last_id is None else f" (read on after id {self.last_id})"
+        self.memory.add_turn(
+            [reply, {"role": "user", "content": f"{remaining} rows of your slice have no "
+                     f"accepted label yet{after}. Continue with the sql tool and label them."}],
+            importance=0.5, note=f"nudged: {remaining} rows left")
+        return False
+
+    # tools
+    def run_sql(self, arguments: str | None) -> tuple[dict, str]:
+        args = self.parse(arguments, SqlArgs)
+        if isinstance(args, dict):
+            return args, "sql: invalid arguments"
+        try:
+            out = self.sql_tool.run(args.query)
+        except SQLRejected as e:
+            return self.misuse("sql_rejected", e.reason), "sql: rejected"
+        except sa.exc.SQLAlchemyError as e:
+            detail = str(getattr(e, "orig", None) or e).splitlines()[0]
+            return self.misuse("sql_error", f"the database refused the query: {detail}"), \
+                "sql: error"
+        rows = out.get("rows") or []
+        ids = [r.get(self.sql_tool.scoped.id_column) for r in rows]
+        span = f"{ids[0]}..{ids[-1]}" if ids else "nothing"
+        return out, f"read {len(rows)} rows ({span})"
+
+    def run_submit(self, arguments: str | None) -> tuple[dict, str]:
+        args = self.parse(arguments, SubmitArgs)
+        if isinstance(args, dict):
+            return args, "submit: invalid arguments"
+        passed, rejected = [], []
+        for item in args.examples:
+            verdict = self.gate.check(item, self.row_lookup)
+            if verdict.ok:
+                passed.append(verdict)
+            else:
+                rejected.append(self.reject(verdict.row_id, verdict.label, verdict.reason,
+                                            verdict.message))
+        verdicts = self.review([v for v in passed if self.judge_all or should_sample(
+            v.row_id, self.config.judge_sample_rate, self.config.seed)])
+        accepted = 0
+        for v in passed:
+            review = verdicts.get(str(v.row_id))
+            if review is not None and review.agree is False:
+                self.gate.forget(v.row_id)
+                rejected.append(self.reject(
+                    v.row_id, v.label, JUDGE_DISAGREED,
+                    f"a reviewer disagreed with {v.label!r} for row {v.row_id!r}; read the "
+                    f"row again and resubmit the right label"))
+                continue
+            accepted += 1
+            self.accept(v, judged=review is not None and review.agree is True)
+        counts = Counter(r["reason"] for r in rejected)
+        note = f"submitted {len(args.examples)} ({accepted} accepted" + (
+            f", rejected: {', '.join(f'{k} {n}' for k, n in counts.items())})" if counts else ")")
+        return {"accepted": accepted, "rejected": rejected}, note
+
+    def accept(self, v: GateResult, judged: bool) -> None:
+        self.result.accepted += 1
+        self.labelled[str(v.row_id)] = v.label
+        self.last_id = v.row_id if self.last_id is None else max(
+            v.row_id, self.last_id, key=_id_order)
+        if judged:
+            self.observe(True)
+        else:
+            self.unjudged.append({"row_id": v.row_id, "label": v.label, "row": v.row})
+        self.on_example({"agent": self.agent, "row_id": v.row_id, "label": v.label,
+                         "row": v.row, "status": "accepted"})
+
+    def reject(self, row_id, label, reason: str, message: str) -> dict:
+        self.result.rejected[reason] = self.result.rejected.get(reason, 0) + 1
+        self.observe(False)
+        self.on_example({"agent": self.agent, "row_id": row_id, "label": label, "row": None,
+                         "status": "rejected", "reason": reason, "message": message})
+        return {"row_id": row_id, "reason": reason, "message": message}
+
+    def review(self, items: list[GateResult]) -> dict[str, Any]:
+        """The judge's verdicts for these gate-passed items, by row id (none without a judge)."""
+        if not items or self.judge is None:
+            return {}
+        try:
+            verdicts = self.judge.review(
+                [{"row_id": v.row_id, "label": v.label, "text": _row_text(v.row)} for v in items],
+                agent=self.agent, slice_id=self.slice_id)
+        except (ProviderError, BudgetExceeded):
+            return {}  # an unavailable judge leaves examples unreviewed, never agreed
+        self.result.judged += sum(1 for v in verdicts if v.agree is not None)
+        return {str(v.row_id): v for v in verdicts}
+
+    # drift
+    def observe(self, ok: bool) -> None:
+        if self.drift is None:
+            return
+        action = self.drift.observe(ok, at=self.result.calls)
+        if action == "reanchor":
+            self.reanchor()
+        elif action == "stop":
+            self.result.stopped_reason = self.drift.reason
+
+    def reanchor(self) -> None:
+        """Memory back to the pinned spec; judge everything; re-review the recent unjudged."""
+        self.result.reanchors += 1
+        self.just_reanchored = True
+        if self.result.drift_alarm_call is None:
+            self.result.drift_alarm_call = self.result.calls
+        self.judge_all = True
+        suspects, self.unjudged = self.unjudged[-200:], []
+        reviewed = self.review([GateResult(True, row_id=s["row_id"], label=s["label"],
+                                           row=s["row"]) for s in suspects])
+        for s in suspects:
+            review = reviewed.get(str(s["row_id"]))
+            if review is not None and review.agree is False:
+                self.gate.forget(s["row_id"])
+                self.labelled.pop(str(s["row_id"]), None)
+                self.result.accepted -= 1
+                self.result.revoked += 1
+                self.on_example({"agent": self.agent, "row_id": s["row_id"], "label": s["label"],
+                                 "row": None, "status": "revoked", "reason": JUDGE_DISAGREED})
+        after = {"resume_after_id": self.last_id} if self.last_id is not None else {}
+        note = (f"[memory] Re-anchored: your recent labels drifted from the task. Re-read the "
+                f"pinned task above and label carefully. {json.dumps(after, default=str)} "
+                f"{len(self.labelled)} rows of {self.task['rows']} are labelled.")
+        self.memory.reset(note)
+        self.result.transcript.append({"event": "reanchor", "call": self.result.calls,
+                                       "revoked": self.result.revoked, "note": note})
+
+    # helpers
+    def parse(self, arguments: str | None, model: type[BaseModel]):
+        try:
+            raw = json.loads(arguments or "")
+        except json.JSONDecodeError as e:
+            return self.misuse("invalid_arguments", f"arguments are not valid JSON: {e}")
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}"
+                                 for err in e.errors())
+            return self.misuse("invalid_arguments", problems)
+
+    def misuse(self, kind: str, message: str) -> dict:
+        self.result.tool_errors += 1
+        self.result.misuse[kind] = self.result.misuse.get(kind, 0) + 1
+        return {"error": kind, "message": message}
+
+
 def run_agent(
-    client: openai.OpenAI,
+    gateway: LLMGateway,
     *,
-    model: str,
-    temperature: float,
+    config: AgentConfig,
     skill: Skill,
     task: dict,
     sql_tool: SQLTool,
     gate: Gate,
     row_lookup: Callable[[str | int], dict | None],
     on_example: Callable[[dict], None],
-    on_call: Callable[[dict], None],
-    max_turns: int,
     agent_name: str,
-    provider: str = "openai",
+    slice_id: str | None = None,
+    judge: Judge | None = None,
+    drift: DriftPolicy | None = None,
 ) -> AgentResult:
-    """Run one sub-agent over its slice until it finishes, fails, or spends max_turns."""
-    tools = tool_specs(sql_tool.scoped.name, task["labels"])
-    messages = build_messages(skill, task, sql_tool)
-    params = {"temperature": temperature}
-    result = AgentResult(stopped_reason="max_turns")
-
-    for _ in range(max_turns):
-        # 1. one LLM call, always recorded
-        record = {  # exactly these keys: callers pass them on as keyword arguments
-            "provider": provider, "model": model,
-            "request_hash": request_hash(model, messages, tools, params),
-            "input_tokens": 0, "output_tokens": 0, "latency_ms": 0.0, "status": "ok", "error": None,
-        }
-        started = time.perf_counter()
-        try:
-            response = client.chat.completions.create(
-                model=model, messages=messages, tools=tools, temperature=temperature
-            )
-            if not response.choices:
-                raise ValueError("the response has no choices")
-        except (openai.OpenAIError, ValueError) as e:
-            error = f"{e.__class__.__name__}: {str(e)[:300]}"
-            record.update(status="error", error=error, latency_ms=_ms(started))
-            result.calls += 1
-            on_call(record)
-            result.stopped_reason = f"llm_error: {error}"
+    """Run one sub-agent over its slice until it finishes, fails, drifts or spends max_turns."""
+    a = _Agent(gateway, config, skill, task, sql_tool, gate, row_lookup, on_example,
+               agent_name, slice_id, judge, drift)
+    for _ in range(config.max_turns):
+        completion = a.call()
+        if completion is None:
             break
-        usage = response.usage
-        choice = response.choices[0]
-        record.update(
-            latency_ms=_ms(started),
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
-        )
-        result.calls += 1
-        result.input_tokens += record["input_tokens"]
-        result.output_tokens += record["output_tokens"]
-        on_call(record)
-
-        # 2. a reply without tool calls ends the agent
-        reply = choice.message
-        calls = reply.tool_calls or []
-        assistant: dict = {"role": "assistant", "content": reply.content}
-        if calls:
-            assistant["tool_calls"] = [_call_dict(c) for c in calls]
-        messages.append(assistant)
-        if not calls:
-            result.stopped_reason = "completed"
+        a.result.calls += 1
+        reply = {"role": "assistant", "content": completion.text}
+        if completion.tool_calls:
+            reply["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in completion.tool_calls]
+        elif a.finished_early(reply):
+            a.result.transcript.append(reply)
+            a.result.stopped_reason = "completed"
             break
-
-        # 3. run each tool call and answer it
-        for call in calls:
-            name = getattr(getattr(call, "function", None), "name", None)
-            arguments = getattr(getattr(call, "function", None), "arguments", None)
-            if name == "sql":
-                content = _run_sql(arguments, sql_tool, result)
-            elif name == "submit_examples":
-                content = _run_submit(
-                    arguments, gate, row_lookup, on_example, agent_name, result
-                )
-            else:
-                content = _tool_error(
-                    result, "unknown_tool", f"no tool {name!r}; use sql or submit_examples"
-                )
-            answer = json.dumps(content, ensure_ascii=False)
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": answer})
-    return result
-
-
-# ── the tools ──────────────────────────────────────────────────────────────────────────────
-def _run_sql(arguments: str | None, sql_tool: SQLTool, result: AgentResult) -> dict:
-    args = _parse_args(arguments, SqlArgs, result)
-    if isinstance(args, dict):
-        return args
-    try:
-        return sql_tool.run(args.query)
-    except SQLRejected as e:
-        return _tool_error(result, "sql_rejected", e.reason)
-    except sa.exc.SQLAlchemyError as e:
-        detail = str(getattr(e, "orig", None) or e).splitlines()[0]
-        return _tool_error(result, "sql_error", f"the database refused the query: {detail}")
-
-
-def _run_submit(arguments, gate, row_lookup, on_example, agent_name, result) -> dict:
-    args = _parse_args(arguments, SubmitArgs, result)
-    if isinstance(args, dict):
-        return args
-    accepted, rejected = 0, []
-    for item in args.examples:
-        verdict = gate.check(item, row_lookup)
-        example = {"agent": agent_name, "row_id": verdict.row_id, "label": verdict.label}
-        if verdict.ok:
-            accepted += 1
-            on_example({**example, "row": verdict.row, "status": "accepted"})
         else:
-            result.rejected[verdict.reason] = result.rejected.get(verdict.reason, 0) + 1
-            on_example({**example, "row": None, "status": "rejected", "reason": verdict.reason,
-                        "message": verdict.message})
-            rejected.append(
-                {"row_id": verdict.row_id, "reason": verdict.reason, "message": verdict.message}
-            )
-    result.accepted += accepted
-    return {"accepted": accepted, "rejected": rejected}
+            a.result.transcript.append(reply)
+            continue
+
+        answers, notes, importance = [], [], 1.0
+        for c in completion.tool_calls:
+            if c.name == "sql":
+                content, note = a.run_sql(c.arguments)
+            elif c.name == "submit_examples":
+                content, note = a.run_submit(c.arguments)
+                importance = 2.0 if content.get("rejected") else 0.5  # lessons outlive routine
+            else:
+                content = a.misuse("unknown_tool", f"no tool {c.name!r}; use sql or "
+                                   "submit_examples")
+                note = f"called unknown tool {c.name!r}"
+            answers.append({"role": "tool", "tool_call_id": c.id,
+                            "content": json.dumps(content, ensure_ascii=False, default=str)})
+            notes.append(note)
+        if a.result.stopped_reason.startswith("drift"):
+            break
+        if a.just_reanchored:  # the drifted turn stays out of the fresh memory
+            a.just_reanchored = False
+            continue
+        a.memory.add_turn([reply, *answers], importance=importance, note="; ".join(notes))
+        a.result.transcript.extend([reply, *answers])
+    a.result.max_context_tokens = a.memory.max_tokens_seen
+    a.result.pruned_turns = a.memory.pruned_turns
+    return a.result
 
 
-def _parse_args(arguments: str | None, model: type[BaseModel], result: AgentResult):
-    """The validated arguments, or a tool-error dict to send back."""
+def _row_text(row: dict | None, limit: int = 600) -> str:
+    if not row:
+        return ""
+    text = " | ".join(f"{k}: {v}" for k, v in row.items())
+    return text[:limit]
+
+
+def _id_order(v: Any) -> tuple:
+    """Order ids numerically when they are numbers, else as text."""
     try:
-        raw = json.loads(arguments or "")
-    except json.JSONDecodeError as e:
-        return _tool_error(result, "invalid_arguments", f"arguments are not valid JSON: {e}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors()
-        )
-        return _tool_error(result, "invalid_arguments", problems)
-
-
-def _tool_error(result: AgentResult, kind: str, message: str) -> dict:
-    result.tool_errors += 1
-    return {"error": kind, "message": message}
-
-
-def _call_dict(call) -> dict:
-    fn = getattr(call, "function", None)
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": getattr(fn, "name", ""), "arguments": getattr(fn, "arguments", "")},
-    }
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))

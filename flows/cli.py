@@ -27,11 +27,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        load_spec(args.spec)  # fail fast, before Prefect starts, with the same messages
+    from flows.runtime import MissingKey, check_keys
+
+    try:  # fail fast, before Prefect starts: a bad spec or a missing key is one clear line
+        check_keys(load_spec(args.spec))
     except SpecError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
+        return 2
+    except MissingKey as e:
+        print(e, file=sys.stderr)
         return 2
     from flows.pipeline import post_training
 
@@ -45,8 +50,9 @@ def _print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"posttrain run {summary['run_id'][:8]}", show_header=False)
-    for key in ("teacher", "slices", "examples_accepted", "examples_rejected", "llm_calls",
-                "input_tokens", "output_tokens", "train_examples", "eval_examples",
+    for key in ("llm", "resumed", "slices", "examples_accepted", "examples_rejected",
+                "tool_misuse", "llm_calls", "cache_hits", "input_tokens", "output_tokens",
+                "cost_usd", "label_tv_after", "train_examples", "eval_examples",
                 "base_accuracy", "accuracy", "macro_f1", "model_name", "model_version",
                 "promoted", "wall_seconds"):
         value = summary.get(key)
@@ -60,29 +66,26 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from agents.teacher import TeacherConfig, serve_forever
+    from agents.teacher import TeacherConfig, TeacherKnobs, serve_forever
 
-    defaults = {}
+    config, knobs = {}, {}
     if args.spec:
         try:
             spec = load_spec(args.spec)
         except SpecError as e:
             print("\n".join(e.problems), file=sys.stderr)
             return 2
-        defaults = {
-            "warehouse_url": spec.warehouse.url, "table": spec.slicing.table,
-            "id_column": spec.slicing.id_column, "gold_column": spec.task.gold_column,
-            "labels": spec.task.labels, "error_rate": spec.teacher.error_rate,
-            "off_spec_rate": spec.teacher.off_spec_rate, "seed": spec.teacher.seed,
-        }
-    given = {
-        "warehouse_url": args.warehouse, "table": args.table, "id_column": args.id_column,
-        "gold_column": args.gold_column,
-        "labels": args.labels.split(",") if args.labels else None,
-        "error_rate": args.error_rate, "off_spec_rate": args.off_spec_rate, "seed": args.seed,
-        "api_key": args.api_key, "request_log": args.request_log,
-    }
-    config = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+        config = {"warehouse_url": spec.warehouse.url, "table": spec.slicing.table,
+                  "id_column": spec.slicing.id_column, "gold_column": spec.task.gold_column,
+                  "labels": spec.task.labels}
+        knobs = spec.llm.simulated.model_dump()
+    given = {"warehouse_url": args.warehouse, "table": args.table, "id_column": args.id_column,
+             "gold_column": args.gold_column,
+             "labels": args.labels.split(",") if args.labels else None}
+    config.update({k: v for k, v in given.items() if v is not None})
+    knobs.update({k: v for k, v in {"error_rate": args.error_rate,
+                                    "off_spec_rate": args.off_spec_rate,
+                                    "seed": args.seed}.items() if v is not None})
     missing = [k for k in ("warehouse_url", "table", "id_column", "gold_column", "labels")
                if k not in config]
     if missing:
@@ -90,13 +93,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
                                              for m in missing) + " (or pass --spec SPEC)",
               file=sys.stderr)
         return 2
-    config.setdefault("error_rate", 0.05)
-    config.setdefault("off_spec_rate", 0.0)
-    config.setdefault("seed", 0)
-    print(f"posttrain SIMULATED teacher on http://{args.host}:{args.port}/v1 "
-          f"(OpenAI chat completions; labels from {config['gold_column']} with "
-          f"{config['error_rate']:.0%} noise)", flush=True)
-    serve_forever(TeacherConfig(**config), host=args.host, port=args.port)
+    knobs = TeacherKnobs(**knobs)
+    print(f"posttrain SIMULATED teacher on http://{args.host}:{args.port}/v1 (OpenAI chat "
+          f"completions) and http://{args.host}:{args.port} (Anthropic messages); labels from "
+          f"{config['gold_column']} with {knobs.error_rate:.0%} noise", flush=True)
+    serve_forever(TeacherConfig(**config, knobs=knobs, api_key=args.api_key,
+                                request_log=args.request_log), host=args.host, port=args.port)
     return 0
 
 
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="run folder (summary.json goes here)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("teacher", help="serve the simulated teacher (OpenAI wire format)")
+    p = sub.add_parser("teacher", help="serve the simulated teacher (OpenAI and Anthropic "
+                       "wire formats)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--warehouse", help="SQLAlchemy URL of the warehouse holding the gold labels")

@@ -19,7 +19,6 @@ import os
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -28,13 +27,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agents.gates import Gate
-from agents.loop import run_agent
-from agents.providers import make_openai_client
+from agents.loop import AgentConfig, run_agent
+from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ScopedTable, SQLTool
 from agents.teacher import TeacherConfig, TeacherServer
-from flows import tracking
+from flows import distribution, tracking
 from flows.progress import Progress
+from flows.runtime import RuntimeSettings, check_keys, get_runtime
 from flows.spec import Spec, load_spec
 from flows.store import Store
 from flows.warehouse import (
@@ -45,6 +45,7 @@ from flows.warehouse import (
     plan_slices,
     render_completion,
     render_prompt,
+    without_rows,
 )
 from training.evaluate import evaluate_classifier
 from training.launch import launch_sft
@@ -70,18 +71,6 @@ def _engine(url: str):
     return make_engine(url)
 
 
-@dataclass(frozen=True)
-class AgentSettings:
-    """What every sub-agent task needs, small and picklable (no clients, no engines)."""
-
-    spec_path: str
-    run_id: str
-    store_url: str
-    base_url: str | None
-    api_key_env: str
-    progress_id: str
-
-
 # ── 1. plan ─────────────────────────────────────────────────────────────────────────────────
 @task(name="plan-slices", cache_policy=NO_CACHE)
 def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
@@ -96,76 +85,118 @@ def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
 
 # ── 2. generate: one sub-agent per slice ────────────────────────────────────────────────────
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
-def generate_slice(descriptor: SliceDescriptor, settings: AgentSettings) -> dict:
-    spec = load_spec(settings.spec_path)
-    store = _store(settings.store_url)
+def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
+                   want_labels: list[str] | None = None) -> dict:
+    """One sub-agent labels one slice. A slice finished by an earlier, killed attempt of this
+    run is skipped; an unfinished one starts over, its completed LLM calls served from the
+    call cache, so a resumed run spends nothing twice."""
+    rt = get_runtime(settings)
+    spec, store, run_id = rt.spec, rt.store, settings.run_id
+    previous = next((s for s in store.list_slices(run_id)
+                     if s["slice_id"] == descriptor.slice_id), None)
+    if previous and previous["status"] == "done":
+        Progress.get(progress_id).advance("generate", previous["accepted"])
+        return {"slice_id": descriptor.slice_id, "accepted": previous["accepted"],
+                "rejected": previous["rejected"], "stopped_reason": previous["stopped_reason"],
+                "resumed": True}
+    store.clear_slice_examples(run_id, descriptor.slice_id)
     engine = _engine(spec.warehouse.url)
     agent = f"labeler/{descriptor.slice_id}"
-    progress = Progress.get(settings.progress_id)
-    store.update_slice(settings.run_id, descriptor.slice_id, status="running", agent=agent)
-
-    def row_lookup(row_id):
-        return fetch_slice_row(engine, descriptor, row_id)
+    progress = Progress.get(progress_id)
+    store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
+    held_out = _held_out_prompts(settings.spec_path)
 
     def on_example(event: dict) -> None:
+        if event["status"] == "revoked":  # the judge's re-review disagreed after acceptance
+            store.revoke_example(run_id, descriptor.slice_id, str(event["row_id"]),
+                                 event["reason"])
+            progress.advance("generate", -1)
+            return
         row = event.get("row") or {}
-        prompt = render_prompt(spec, row) if row else ""
-        completion = render_completion(spec, event["label"]) if event.get("label") else ""
         store.add_example(
-            run_id=settings.run_id, slice_id=descriptor.slice_id, row_id=str(event["row_id"]),
-            prompt=prompt, completion=completion,
+            run_id=run_id, slice_id=descriptor.slice_id, row_id=str(event["row_id"]),
+            prompt=render_prompt(spec, row) if row else "",
+            completion=render_completion(spec, event["label"]) if event.get("label") else "",
             label=None if event.get("label") is None else str(event["label"]),
             status=event["status"], reason=event.get("reason"), agent=agent,
-            model=spec.teacher.model,
+            model=spec.llm.generator.model,
         )
         if event["status"] == "accepted":
             progress.advance("generate")
 
-    def on_call(call: dict) -> None:
-        store.record_call(run_id=settings.run_id, slice_id=descriptor.slice_id, agent=agent, **call)
-
-    client = make_openai_client(settings.base_url, os.environ.get(settings.api_key_env, ""))
+    g, role = spec.generation, spec.llm.generator
     result = run_agent(
-        client,
-        model=spec.teacher.model,
-        temperature=spec.teacher.temperature,
+        rt.gateways["generator"],
+        config=AgentConfig(model=role.model, temperature=role.temperature,
+                           max_tokens=role.max_tokens, max_turns=g.max_turns,
+                           memory_budget_tokens=g.memory_budget_tokens,
+                           judge_sample_rate=g.judge_sample_rate, max_nudges=g.max_nudges,
+                           seed=spec.llm.simulated.seed),
         skill=load_skill(spec.task.skill),
-        task={
-            "slice_id": descriptor.slice_id, "table": descriptor.table,
-            "columns": descriptor.columns, "id_column": descriptor.id_column,
-            "rows": descriptor.row_count, "labels": spec.task.labels,
-            "page_size": spec.generation.page_size, "description": spec.task.description,
-        },
+        task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
+              "labels": spec.task.labels, "page_size": g.page_size,
+              "description": spec.task.description, "want_labels": want_labels or []},
         sql_tool=SQLTool(engine, ScopedTable(
             name=descriptor.table, columns=descriptor.columns, source_sql=descriptor.sql,
             params=descriptor.params, id_column=descriptor.id_column,
-        ), row_limit=spec.generation.sql_row_limit),
-        gate=Gate(spec.task.labels),
-        row_lookup=row_lookup,
+        ), row_limit=g.sql_row_limit),
+        gate=Gate(spec.task.labels, is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
+        row_lookup=lambda row_id: fetch_slice_row(engine, descriptor, row_id),
         on_example=on_example,
-        on_call=on_call,
-        max_turns=spec.generation.max_turns,
         agent_name=agent,
+        slice_id=descriptor.slice_id,
+        judge=rt.judge,
+        drift=rt.drift_policy(),
     )
+    _write_transcript(settings, descriptor.slice_id, result.transcript)
     rejected = sum(result.rejected.values())
-    store.update_slice(
-        settings.run_id, descriptor.slice_id, status="done", accepted=result.accepted,
-        rejected=rejected, stopped_reason=result.stopped_reason,
-    )
+    store.update_slice(run_id, descriptor.slice_id, status="done", accepted=result.accepted,
+                       rejected=rejected, stopped_reason=result.stopped_reason)
     get_run_logger().info(
-        "%s: %d accepted, %d rejected %s, %d calls, stopped: %s", descriptor.slice_id,
-        result.accepted, rejected, dict(result.rejected), result.calls, result.stopped_reason,
-    )
-    return {"slice_id": descriptor.slice_id, "accepted": result.accepted,
-            "rejected": rejected, "stopped_reason": result.stopped_reason}
+        "%s: %d accepted, %d rejected %s, %d revoked, %d calls, misuse %s, context max %d "
+        "tokens, stopped: %s", descriptor.slice_id, result.accepted, rejected,
+        dict(result.rejected), result.revoked, result.calls, result.misuse,
+        result.max_context_tokens, result.stopped_reason)
+    return {"slice_id": descriptor.slice_id, "accepted": result.accepted, "rejected": rejected,
+            "revoked": result.revoked, "misuse": result.misuse, "reanchors": result.reanchors,
+            "drift_alarm_call": result.drift_alarm_call,
+            "max_context_tokens": result.max_context_tokens,
+            "stopped_reason": result.stopped_reason, "resumed": False}
+
+
+@functools.cache
+def _held_out_prompts(spec_path: str) -> frozenset[str]:
+    spec = load_spec(spec_path)
+    return frozenset(render_prompt(spec, r)
+                     for r in fetch_eval_rows(spec, _engine(spec.warehouse.url)))
+
+
+def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list[dict]) -> None:
+    """One JSONL per agent under <out>/transcripts, secrets redacted; logged to MLflow."""
+    folder = Path(settings.out_dir) / "transcripts"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in slice_id)
+    (folder / f"{name}.jsonl").write_text("".join(
+        json.dumps(redact(m), ensure_ascii=False, default=str) + "\n" for m in transcript))
+
+
+def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
+             concurrency: int, want_labels: list[str] | None = None) -> list[dict]:
+    """Map one agent task per slice, `concurrency` at a time."""
+    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+        futures = runner.map(generate_slice, {
+            "descriptor": slices, "settings": unmapped(settings),
+            "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels)})
+        return [f.result() for f in futures]
 
 
 # ── 3. curate ───────────────────────────────────────────────────────────────────────────────
 @task(name="curate", cache_policy=NO_CACHE)
-def curate(spec: Spec, store_url: str, run_id: str, out_dir: Path, mlflow_run_id: str) -> dict:
-    """Exact dedup, drop anything identical to a held-out prompt, write the JSONL, log it."""
+def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Path,
+           mlflow_run_id: str) -> dict:
+    """Exact dedup, drop copies of held-out prompts, balance to the target, write, log."""
     examples = _store(store_url).accepted_examples(run_id)
-    held_out = {render_prompt(spec, r) for r in fetch_eval_rows(spec, _engine(spec.warehouse.url))}
+    held_out = _held_out_prompts(spec_path)
     seen: set[str] = set()
     kept, duplicates, leaks = [], 0, 0
     for ex in sorted(examples, key=lambda e: (e["slice_id"], e["row_id"])):
@@ -174,19 +205,33 @@ def curate(spec: Spec, store_url: str, run_id: str, out_dir: Path, mlflow_run_id
         elif ex["prompt"] in held_out:  # a copy of an evaluation row would inflate accuracy
             leaks += 1
         else:
-            kept.append({"prompt": ex["prompt"], "completion": ex["completion"]})
+            kept.append(ex)
         seen.add(ex["content_hash"])
+    labels = spec.task.labels
+    target = distribution.target_shares(spec.distribution.target, labels)
+    counts = Counter(ex["label"] for ex in kept)
+    tv_before_quota = distribution.tv_distance(
+        distribution.shares(counts, labels), target) if target else None
+    if target:  # whatever gap the top-up rounds left, a quota closes
+        kept = distribution.quota(kept, target, spec.distribution.tolerance)
+    final_counts = Counter(ex["label"] for ex in kept)
     if not kept:
         raise RuntimeError("no accepted examples to train on: see the rejections in the store")
     path = out_dir / "data" / "train.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
+    path.write_text("".join(json.dumps({"prompt": k["prompt"], "completion": k["completion"]},
+                                       ensure_ascii=False) + "\n" for k in kept))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     tracking.log_train_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
-    get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows "
-                          "dropped), sha256 %s", len(kept), duplicates, leaks, digest[:16])
-    return {"path": str(path), "n": len(kept), "duplicates": duplicates,
-            "eval_copies": leaks, "sha256": digest}
+    trimmed = len(examples) - duplicates - leaks - len(kept)
+    get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows, "
+                          "%d trimmed by the label quota), sha256 %s", len(kept), duplicates,
+                          leaks, trimmed, digest[:16])
+    return {"path": str(path), "n": len(kept), "duplicates": duplicates, "eval_copies": leaks,
+            "quota_trimmed": trimmed, "sha256": digest, "label_counts": dict(final_counts),
+            "tv_before_quota": tv_before_quota,
+            "tv_after": distribution.tv_distance(distribution.shares(final_counts, labels),
+                                                 target) if target else None}
 
 
 # ── 4. train ────────────────────────────────────────────────────────────────────────────────
@@ -252,69 +297,85 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
     os.environ.update(OFFLINE_ENV)
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
+    spec_path = str(Path(spec_path).resolve())
     spec = load_spec(spec_path)
+    check_keys(spec)  # a missing API key is one clear error before any work starts
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
     store = _store(store_url)
-    run_id = store.start_run(spec.name, spec.content_hash(), spec.model_dump_json())
-    progress = Progress.create()
-
     mlflow_uri = tracking.tracking_uri(spec.tracking.uri, out)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
     client = MlflowClient(mlflow_uri)
     experiment_id = tracking.ensure_experiment(client, spec.tracking.experiment, out)
+    progress = Progress.create()
+
+    # A killed or failed run of exactly this spec in this folder is resumed, not redone.
+    previous = store.resumable_run(spec.name, spec.content_hash())
+    if previous:
+        run_id, mlflow_run_id = previous["id"], previous["mlflow_run_id"]
+        store.reopen_run(run_id)
+        print(f"Resuming run {run_id[:8]}: finished slices are kept, completed LLM calls "
+              f"come from the call cache.")
+    else:
+        run_id, mlflow_run_id = store.start_run(spec.name, spec.content_hash(),
+                                                spec.model_dump_json()), None
 
     with ExitStack() as cleanup:
-        # The teacher: a real endpoint, or posttrain's simulated one (always announced).
-        base_url = spec.teacher.base_url
-        simulated = spec.teacher.provider == "simulated"
+        # The LLMs: real endpoints, or posttrain's simulated teacher (always announced).
+        endpoints, simulated = {}, [n for n, r in spec.llm.roles().items() if r.simulated]
         if simulated:
             server = TeacherServer(TeacherConfig(
                 warehouse_url=spec.warehouse.url, table=spec.slicing.table,
                 id_column=spec.slicing.id_column, gold_column=spec.task.gold_column,
-                labels=spec.task.labels, error_rate=spec.teacher.error_rate,
-                off_spec_rate=spec.teacher.off_spec_rate, seed=spec.teacher.seed,
+                labels=spec.task.labels, knobs=spec.llm.simulated,
                 request_log=str(out / "teacher_requests.jsonl"),
             ))
-            base_url = server.start()
+            base = server.start()  # http://127.0.0.1:PORT/v1
             cleanup.callback(server.stop)
-            os.environ.setdefault(spec.teacher.api_key_env, "simulated-teacher-key")
-            print(f"No LLM provider configured: labels come from posttrain's SIMULATED teacher "
-                  f"at {base_url} (gold labels with {spec.teacher.error_rate:.0%} noise).")
-        elif not os.environ.get(spec.teacher.api_key_env):
-            raise RuntimeError(f"teacher.api_key_env: ${spec.teacher.api_key_env} is not set")
+            print(f"No real LLM for {', '.join(simulated)}: posttrain's SIMULATED teacher at "
+                  f"{base} answers (gold labels with {spec.llm.simulated.error_rate:.0%} noise).")
+        for name, role in spec.llm.roles().items():
+            if role.simulated:
+                endpoints[name] = base if role.api == "openai" else base.removesuffix("/v1")
+            else:
+                endpoints[name] = role.endpoint
+        teacher_tag = ",".join(f"{n}={'simulated' if r.simulated else r.model}"
+                               for n, r in spec.llm.roles().items())
 
-        mlflow_run_id = tracking.start_parent_run(
-            client, experiment_id, run_name=f"{spec.name}-{run_id[:8]}",
-            params=tracking.flatten(spec.model_dump(mode="json")),
-            tags={"posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
-                  "posttrain.teacher": "simulated" if simulated else spec.teacher.provider,
-                  "mlflow.note.content": (
-                      "Labels written by posttrain's SIMULATED teacher (gold labels + noise)."
-                      if simulated else f"Labels written by {spec.teacher.model}.")},
-        )
-        store.set_mlflow_run(run_id, mlflow_run_id)
+        if mlflow_run_id:
+            client.update_run(mlflow_run_id, status="RUNNING")
+        else:
+            mlflow_run_id = tracking.start_parent_run(
+                client, experiment_id, run_name=f"{spec.name}-{run_id[:8]}",
+                params=tracking.flatten(redact(spec.model_dump(mode="json"))),
+                tags={"posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
+                      "posttrain.llm": teacher_tag,
+                      "posttrain.teacher": "simulated" if simulated else "real",
+                      "mlflow.note.content": (
+                          f"Roles played by posttrain's SIMULATED teacher: {', '.join(simulated)}."
+                          if simulated else f"LLMs: {teacher_tag}.")},
+            )
+            store.set_mlflow_run(run_id, mlflow_run_id)
         cleanup.push(lambda exc_type, *_: _close_run(client, mlflow_run_id, store, run_id,
                                                      failed=exc_type is not None))
+        settings = RuntimeSettings(spec_path, run_id, store_url, str(out),
+                                   tuple(sorted(endpoints.items())))
 
         t = time.perf_counter()
         slices = plan(spec, store_url, run_id)
         stage_seconds["plan"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        settings = AgentSettings(str(Path(spec_path).resolve()), run_id, store_url, base_url,
-                                 spec.teacher.api_key_env, progress.id)
         progress.start("generate", "sub-agents labelling rows", sum(s.row_count for s in slices))
-        with ThreadPoolTaskRunner(max_workers=spec.generation.concurrency) as runner:
-            futures = runner.map(generate_slice, {"descriptor": slices,
-                                                  "settings": unmapped(settings)})
-            agent_results = [f.result() for f in futures]
+        agent_results = generate(slices, settings, progress.id, spec.generation.concurrency)
+        balance = rebalance(spec, store, run_id, slices, settings, progress.id)
+        agent_results += balance.pop("topup_results")
         progress.stop("generate")
         stage_seconds["generate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        dataset = curate(spec, store_url, run_id, out, mlflow_run_id)
+        dataset = curate(spec, spec_path, store_url, run_id, out, mlflow_run_id)
         stage_seconds["curate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -330,31 +391,50 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
                    "base_accuracy": ev["base"]["accuracy"]}
         tracking.log_metrics(client, mlflow_run_id, metrics)
 
+        calls = store.call_totals(run_id)
         t = time.perf_counter()
         decision = promote(spec, out, mlflow_run_id, metrics, tags={
             "posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
             "posttrain.dataset_sha256": dataset["sha256"],
+            "posttrain.cost_usd": f"{calls['cost_usd']:.4f}",
         })
         stage_seconds["promote"] = time.perf_counter() - t
 
-        calls = store.call_totals(run_id)
-        rejected = store.rejection_counts(run_id)
+        misuse: Counter = Counter()
+        for r in agent_results:
+            misuse.update(r.get("misuse") or {})
         summary = {
             "run_id": run_id,
             "mlflow_run_id": mlflow_run_id,
             "mlflow_tracking_uri": mlflow_uri,
-            "teacher": "simulated" if simulated else spec.teacher.provider,
+            "teacher": "simulated" if simulated else "real",
+            "llm": teacher_tag,
+            "resumed": bool(previous),
             "slices": len(slices),
+            "topup_slices": balance["topup_slices"],
             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
                                if r["stopped_reason"] != "completed"},
             "examples_accepted": sum(r["accepted"] for r in agent_results),
-            "examples_rejected": rejected,
+            "examples_rejected": store.rejection_counts(run_id),
+            "tool_misuse": dict(misuse),
+            "reanchors": sum(r.get("reanchors", 0) for r in agent_results),
+            "max_context_tokens": max((r.get("max_context_tokens", 0) for r in agent_results),
+                                      default=0),
             "llm_calls": calls["calls"],
+            "llm_errors": calls["errors"],
+            "cache_hits": calls["cache_hits"],
             "input_tokens": calls["input_tokens"],
             "output_tokens": calls["output_tokens"],
+            "cost_usd": calls["cost_usd"],
+            "cost_by_role": {k: round(v["cost_usd"], 6) for k, v in calls["by_role"].items()},
+            "label_tv_before": balance["tv_before"],
+            "label_tv_after_topup": balance["tv_after"],
+            "label_tv_after": dataset["tv_after"],
+            "label_counts": dataset["label_counts"],
             "train_examples": dataset["n"],
             "duplicates_dropped": dataset["duplicates"],
             "eval_copies_dropped": dataset["eval_copies"],
+            "quota_trimmed": dataset["quota_trimmed"],
             "train_loss": train_result.get("train_loss"),
             "eval_examples": ev["n"],
             "base_accuracy": ev["base"]["accuracy"],
@@ -370,9 +450,59 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         store.finish_run(run_id, "completed", summary)
-        tracking.log_metrics(client, mlflow_run_id, {"wall_seconds": summary["wall_seconds"]})
+        tracking.log_metrics(client, mlflow_run_id, {
+            "wall_seconds": summary["wall_seconds"], "cost_usd": summary["cost_usd"],
+            "llm_calls": summary["llm_calls"], "cache_hits": summary["cache_hits"],
+            **{f"cost_usd.{k}": v for k, v in summary["cost_by_role"].items()},
+            **({"label_tv_before": balance["tv_before"]} if balance["tv_before"] is not None
+               else {}),
+            **({"label_tv_after": dataset["tv_after"]} if dataset["tv_after"] is not None
+               else {}),
+        })
         client.log_artifact(mlflow_run_id, str(out / "summary.json"))
+        if (out / "transcripts").is_dir():
+            client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
         return summary
+
+
+def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+              settings: RuntimeSettings, progress_id: str) -> dict:
+    """Measure the labels against the target; top up the under-represented ones."""
+    labels = spec.task.labels
+    target = distribution.target_shares(spec.distribution.target, labels)
+
+    def measure() -> tuple[Counter, float | None]:
+        counts = Counter(e["label"] for e in store.accepted_examples(run_id))
+        tv = distribution.tv_distance(distribution.shares(counts, labels), target) \
+            if target else None
+        return counts, tv
+
+    counts, tv_before = measure()
+    tv, results, topups = tv_before, [], 0
+    engine = _engine(spec.warehouse.url)
+    for round_no in range(1, spec.distribution.max_topup_rounds + 1):
+        if not target or tv <= spec.distribution.tolerance:
+            break
+        want = distribution.under_represented(counts, target, spec.distribution.tolerance)
+        if not want:
+            break
+        done: dict[str, list[str]] = {}
+        for ex in store.accepted_examples(run_id):
+            done.setdefault(ex["slice_id"].split("+topup")[0], []).append(ex["row_id"])
+        jobs = [without_rows(s, done.get(s.slice_id, []), f"{s.slice_id}+topup{round_no}",
+                             engine) for s in slices]
+        jobs = [j for j in jobs if j.row_count > 0]
+        if not jobs:
+            break
+        store.add_slices(run_id, jobs)
+        get_run_logger().info("label TV %.3f > %.3f: top-up round %d for %s over %d slices",
+                              tv, spec.distribution.tolerance, round_no, ", ".join(want),
+                              len(jobs))
+        results += generate(jobs, settings, progress_id, spec.generation.concurrency, want)
+        topups += len(jobs)
+        counts, tv = measure()
+    return {"tv_before": tv_before, "tv_after": tv, "topup_slices": topups,
+            "topup_results": results}
 
 
 def _close_run(client: MlflowClient, mlflow_run_id: str, store: Store, run_id: str,

@@ -21,6 +21,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agents.teacher import TeacherKnobs
+
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -132,28 +134,84 @@ class Task(_Strict):
 
 
 # ── who plays which part ─────────────────────────────────────────────────────────────────────
-class Teacher(_Strict):
-    provider: Literal["simulated", "openai"] = Field(
-        "simulated",
-        description="simulated: posttrain's local teacher server (announced as simulated); "
-        "openai: any OpenAI-compatible endpoint (OpenAI, MiniMax, vLLM, Ollama).",
+class Role(_Strict):
+    """Which LLM plays one role, through which SDK, at which endpoint."""
+
+    api: Literal["openai", "anthropic"] = Field(
+        "openai",
+        description="Wire format and official SDK: openai (OpenAI, MiniMax, vLLM, Ollama, any "
+        "OpenAI-compatible endpoint) or anthropic (Claude, MiniMax's Anthropic endpoint).",
     )
-    model: str = Field("simulated-teacher", description="Model name sent to the provider.")
-    base_url: str | None = Field(None, description="Endpoint; the provider's default when unset.")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    model: str = Field(description="Model name sent to the provider.")
+    endpoint: str | None = Field(
+        "simulated",
+        description="`simulated` (posttrain's local teacher, always announced as such), a base "
+        "URL (e.g. https://api.minimax.io/v1), or null for the SDK's default endpoint.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable with the key (default OPENAI_API_KEY or "
+        "ANTHROPIC_API_KEY by api)."
+    )
+    secret_block: str | None = Field(
+        None, description="Prefect Secret block holding the key, used when the variable is unset."
     )
     temperature: float = Field(0.2, ge=0.0, le=2.0, description="Sampling temperature.")
-    error_rate: float = Field(
-        0.05, ge=0.0, le=1.0,
-        description="Simulated teacher only: share of rows given a wrong (but valid) label.",
+    max_tokens: int = Field(4096, ge=1, description="Most output tokens per call.")
+    stream: bool = Field(False, description="Anthropic only: stream replies (SSE).")
+
+    @property
+    def simulated(self) -> bool:
+        return self.endpoint == "simulated"
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or ("OPENAI_API_KEY" if self.api == "openai" else "ANTHROPIC_API_KEY")
+
+
+class Price(_Strict):
+    input: float = Field(ge=0.0, description="USD per million input tokens.")
+    output: float = Field(ge=0.0, description="USD per million output tokens.")
+    cache_read: float | None = Field(None, ge=0.0, description="USD per million cache-read "
+                                     "tokens (default: the input price).")
+    cache_write: float | None = Field(None, ge=0.0, description="USD per million cache-write "
+                                      "tokens (default: the input price).")
+
+
+class Budget(_Strict):
+    max_usd: float | None = Field(None, gt=0.0, description="Stop new LLM calls past this cost.")
+    max_tokens: int | None = Field(None, ge=1, description="Stop new LLM calls past this many "
+                                   "tokens (input, output, cache reads and writes).")
+
+
+class RateLimit(_Strict):
+    initial: int = Field(8, ge=1, description="Concurrent calls per endpoint at the start.")
+    minimum: int = Field(1, ge=1, description="Floor the adaptive limit never goes under.")
+    maximum: int = Field(64, ge=1, description="Ceiling the adaptive limit grows back to.")
+
+
+class LLM(_Strict):
+    generator: Role = Field(
+        default_factory=lambda: Role(model="simulated-teacher"),
+        description="The bulk: the sub-agents that label rows (a cheap model).",
     )
-    off_spec_rate: float = Field(
-        0.02, ge=0.0, le=1.0,
-        description="Simulated teacher only: share of rows first given a label outside the "
-        "label set (the gate must reject it and the agent correct it).",
+    judge: Role | None = Field(
+        default_factory=lambda: Role(api="anthropic", model="simulated-judge", temperature=0.0),
+        description="Reviews a sample of accepted examples (a strong model); null to skip.",
     )
-    seed: int = Field(0, description="Simulated teacher only: seed for its mistakes.")
+    tuner: Role | None = Field(None, description="Proposes training configs (later stages).")
+    simulated: TeacherKnobs = Field(
+        default_factory=TeacherKnobs,
+        description="Knobs of the simulated teacher: noise, drift, bias, misuse, faults.",
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Per-model prices overriding agents/prices.yaml."
+    )
+    budget: Budget = Field(default_factory=Budget)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+
+    def roles(self) -> dict[str, Role]:
+        return {n: r for n, r in (("generator", self.generator), ("judge", self.judge),
+                                  ("tuner", self.tuner)) if r is not None}
 
 
 class Generation(_Strict):
@@ -165,6 +223,32 @@ class Generation(_Strict):
     sql_row_limit: int = Field(200, ge=1, description="Most rows one SQL tool call returns.")
     max_slices: int | None = Field(
         None, ge=1, description="Use only the first N slices (for quick runs)."
+    )
+    memory_budget_tokens: int = Field(
+        16000, ge=500, description="Context budget per agent; older turns are pruned to fit."
+    )
+    judge_sample_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of accepted examples the judge reviews."
+    )
+    drift_window: int = Field(40, ge=5, description="Recent gated/judged examples watched.")
+    drift_threshold: float = Field(
+        0.25, gt=0.0, lt=1.0, description="Bad share in the window that raises the alarm."
+    )
+    max_nudges: int = Field(
+        2, ge=0, description="Times an agent that stops early is told rows remain."
+    )
+
+
+class Distribution(_Strict):
+    target: Literal["none", "uniform"] | dict[str, float] = Field(
+        "none", description="Label shares the training set should have: none (measure only), "
+        "uniform, or {label: share}."
+    )
+    tolerance: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Total variation distance accepted after balancing."
+    )
+    max_topup_rounds: int = Field(
+        2, ge=0, description="Targeted top-up rounds for under-represented labels."
     )
 
 
@@ -247,8 +331,9 @@ class Spec(_Strict):
     warehouse: Warehouse
     slicing: Slicing
     task: Task
-    teacher: Teacher = Field(default_factory=Teacher)
+    llm: LLM = Field(default_factory=LLM)
     generation: Generation = Field(default_factory=Generation)
+    distribution: Distribution = Field(default_factory=Distribution)
     student: Student = Field(default_factory=Student)
     training: Training = Field(default_factory=Training)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -288,6 +373,19 @@ class Spec(_Strict):
                 f"{self.task.gold_column!r} is allow-listed in warehouse.tables."
                 f"{self.slicing.table}: remove it there, agents must never read the gold label",
             )
+        target = self.distribution.target
+        if isinstance(target, dict):
+            unknown = sorted(set(target) - set(self.task.labels))
+            if unknown:
+                raise _FieldError("distribution.target",
+                                  f"labels {', '.join(unknown)} are not in task.labels")
+            if abs(sum(target.values()) - 1.0) > 1e-6:
+                raise _FieldError("distribution.target",
+                                  f"shares must sum to 1, got {sum(target.values()):g}")
+        bias = [b for b in self.llm.simulated.bias_labels if b not in self.task.labels]
+        if bias:
+            raise _FieldError("llm.simulated.bias_labels",
+                              f"labels {', '.join(bias)} are not in task.labels")
         profile = Path(__file__).resolve().parent.parent / "training" / "accelerate"
         if not (profile / f"{self.training.accelerate_profile}.yaml").exists():
             choices = sorted(p.stem for p in profile.glob("*.yaml"))

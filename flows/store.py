@@ -93,19 +93,38 @@ class Example(Base):
 
 
 class LLMCall(Base):
+    """One provider attempt or one cache hit (cached=True: no tokens spent, no cost)."""
+
     __tablename__ = "llm_calls"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[str | None] = mapped_column(sa.ForeignKey("runs.id"))
     slice_id: Mapped[str | None] = mapped_column(sa.String(300))
     agent: Mapped[str | None] = mapped_column(sa.String(200))
-    provider: Mapped[str] = mapped_column(sa.String(64))
+    role: Mapped[str | None] = mapped_column(sa.String(32))
+    provider: Mapped[str] = mapped_column(sa.String(64))  # the wire format: openai | anthropic
     model: Mapped[str] = mapped_column(sa.String(200))
     request_hash: Mapped[str] = mapped_column(sa.String(128), index=True)
+    cached: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    attempt: Mapped[int] = mapped_column(sa.Integer, default=1)
     input_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(sa.Float, default=0.0)
     latency_ms: Mapped[float] = mapped_column(sa.Float, default=0.0)
     status: Mapped[str] = mapped_column(sa.String(16), default="ok")
     error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+
+class CachedCall(Base):
+    """The call cache: a completed LLM reply, keyed by the content of its request."""
+
+    __tablename__ = "call_cache"
+    request_hash: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    api: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    response_json: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
 
 
@@ -299,40 +318,105 @@ class Store:
         self,
         run_id: str | None,
         *,
-        provider: str,
+        api: str,
         model: str,
         request_hash: str,
+        role: str | None = None,
         slice_id: str | None = None,
         agent: str | None = None,
+        cached: bool = False,
+        attempt: int = 1,
         input_tokens: int = 0,
         output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cost_usd: float = 0.0,
         latency_ms: float = 0.0,
         status: str = "ok",
         error: str | None = None,
     ) -> int:
+        """Record one gateway record (see docs/agent-runtime.md): an attempt or a cache hit."""
         _check(status, CALL_STATUSES, "call status")
-        call = LLMCall(run_id=run_id, slice_id=slice_id, agent=agent, provider=provider,
-                       model=model, request_hash=request_hash, input_tokens=int(input_tokens),
-                       output_tokens=int(output_tokens), latency_ms=float(latency_ms),
-                       status=status, error=error, created_at=_now())
+        call = LLMCall(run_id=run_id, slice_id=slice_id, agent=agent, role=role, provider=api,
+                       model=model, request_hash=request_hash, cached=bool(cached),
+                       attempt=int(attempt), input_tokens=int(input_tokens),
+                       output_tokens=int(output_tokens),
+                       cache_read_tokens=int(cache_read_tokens),
+                       cache_write_tokens=int(cache_write_tokens), cost_usd=float(cost_usd),
+                       latency_ms=float(latency_ms), status=status, error=error,
+                       created_at=_now())
         with self._session.begin() as s:
             s.add(call)
             s.flush()
             return call.id
 
-    def call_totals(self, run_id: str) -> dict[str, int]:
-        """calls, errors, input_tokens, output_tokens over the run's LLM calls."""
+    # ── the call cache (implements agents.gateway.CallCache) ──
+    def cache_get(self, key: str) -> dict | None:
         with self._session() as s:
-            calls, errors, tin, tout = s.execute(
+            hit = s.get(CachedCall, key)
+            return None if hit is None else json.loads(hit.response_json)
+
+    def cache_put(self, key: str, *, api: str, model: str, response: dict) -> None:
+        with self._session.begin() as s:
+            if s.get(CachedCall, key) is None:
+                s.add(CachedCall(request_hash=key, api=api, model=model,
+                                 response_json=json.dumps(response, sort_keys=True),
+                                 created_at=_now()))
+
+    def call_cache(self) -> StoreCallCache:
+        return StoreCallCache(self)
+
+    def call_totals(self, run_id: str) -> dict:
+        """Over the run's records: calls (provider attempts), errors, cache_hits, tokens, cost,
+        and the same per role."""
+        total = sa.func.coalesce
+        with self._session() as s:
+            rows = s.execute(
                 sa.select(
-                    sa.func.count(LLMCall.id),
-                    sa.func.coalesce(sa.func.sum(sa.case((LLMCall.status == "error", 1), else_=0)), 0),
-                    sa.func.coalesce(sa.func.sum(LLMCall.input_tokens), 0),
-                    sa.func.coalesce(sa.func.sum(LLMCall.output_tokens), 0),
-                ).where(LLMCall.run_id == run_id)
-            ).one()
-            return {"calls": int(calls), "errors": int(errors), "input_tokens": int(tin),
-                    "output_tokens": int(tout)}
+                    LLMCall.role,
+                    sa.func.sum(sa.case((LLMCall.cached.is_(False), 1), else_=0)),
+                    sa.func.sum(sa.case((LLMCall.status == "error", 1), else_=0)),
+                    sa.func.sum(sa.case((LLMCall.cached.is_(True), 1), else_=0)),
+                    total(sa.func.sum(LLMCall.input_tokens), 0),
+                    total(sa.func.sum(LLMCall.output_tokens), 0),
+                    total(sa.func.sum(LLMCall.cost_usd), 0.0),
+                ).where(LLMCall.run_id == run_id).group_by(LLMCall.role)
+            ).all()
+        keys = ("calls", "errors", "cache_hits", "input_tokens", "output_tokens", "cost_usd")
+        by_role = {role or "unknown": dict(zip(keys, (int(v or 0) for v in vals[:-1]),
+                                               strict=False)) | {"cost_usd": float(vals[-1])}
+                   for role, *vals in rows}
+        out = {k: sum(r[k] for r in by_role.values()) for k in keys}
+        out["cost_usd"] = round(out["cost_usd"], 6)
+        return {**out, "by_role": by_role}
+
+    # ── resume ──
+    def resumable_run(self, name: str, spec_hash: str) -> dict | None:
+        """The newest unfinished run of exactly this spec (killed or failed), to resume."""
+        with self._session() as s:
+            run = s.scalars(
+                sa.select(Run).where(Run.name == name, Run.spec_hash == spec_hash,
+                                     Run.status.in_(("running", "failed")))
+                .order_by(Run.started_at.desc()).limit(1)
+            ).first()
+            return None if run is None else self._run_dict(run)
+
+    def reopen_run(self, run_id: str) -> None:
+        self._update(Run, Run.id == run_id, f"run {run_id}", status="running", finished_at=None)
+
+    def clear_slice_examples(self, run_id: str, slice_id: str) -> int:
+        """Forget a slice's examples before its agent runs again (its replay re-records them)."""
+        with self._session.begin() as s:
+            return s.execute(sa.delete(Example).where(
+                Example.run_id == run_id, Example.slice_id == slice_id)).rowcount
+
+    def revoke_example(self, run_id: str, slice_id: str, row_id: str, reason: str) -> int:
+        """Turn an accepted example into a rejected one (a judge's re-review disagreed)."""
+        with self._session.begin() as s:
+            return s.execute(sa.update(Example).where(
+                Example.run_id == run_id, Example.slice_id == slice_id,
+                Example.row_id == str(row_id), Example.status == "accepted",
+            ).values(status="rejected", reason=reason)).rowcount
 
     # ── helpers ──
     def _update(self, model: type[Base], where: Any, what: str, **values: Any) -> None:
@@ -340,3 +424,16 @@ class Store:
             n = s.execute(sa.update(model).where(where).values(**values)).rowcount
         if n == 0:
             raise LookupError(f"no {what} in the store")
+
+
+class StoreCallCache:
+    """The store as the gateway's call cache (agents.gateway.CallCache)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def get(self, key: str) -> dict | None:
+        return self._store.cache_get(key)
+
+    def put(self, key: str, *, api: str, model: str, response: dict) -> None:
+        self._store.cache_put(key, api=api, model=model, response=response)

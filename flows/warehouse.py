@@ -286,3 +286,22 @@ def fetch_slice_row(engine: Engine, slice: SliceDescriptor, row_id: Any) -> dict
         rows = conn.execute(sql, {**slice.params, "pt_row_id": _normalise_row_id(row_id)}).mappings()
         row = rows.first()
     return None if row is None else dict(row)
+
+
+def without_rows(slice: SliceDescriptor, row_ids: list[str], slice_id: str,
+                 engine: Engine) -> SliceDescriptor:
+    """The same slice minus rows already labelled: the share a top-up agent works on."""
+    id_col = _q(engine, slice.id_column)
+    params = dict(slice.params)
+    names = []
+    for i, rid in enumerate(sorted(row_ids)):
+        params[f"pt_done_{i}"] = str(rid)
+        names.append(f":pt_done_{i}")
+    where = f" WHERE CAST(pt_base.{id_col} AS TEXT) NOT IN ({', '.join(names)})" if names else ""
+    return slice.model_copy(update={
+        "slice_id": slice_id,
+        "key": {**slice.key, "topup": slice_id},
+        "sql": f"SELECT * FROM ({slice.sql}) pt_base{where}",
+        "params": params,
+        "row_count": slice.row_count - len(row_ids),
+    })

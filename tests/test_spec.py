@@ -111,8 +111,9 @@ BROKEN = {
         ["training.learning_rate: must be greater than 0.0, got -0.1"],
     ),
     "two_problems_at_once": (
-        lambda d: (d["generation"].update(max_turns=0), d["teacher"].update(error_rate=2)),
-        ["teacher.error_rate: must be at most 1.0, got 2",
+        lambda d: (d["generation"].update(max_turns=0),
+                   d["llm"]["simulated"].update(error_rate=2)),
+        ["llm.simulated.error_rate: must be at most 1.0, got 2",
          "generation.max_turns: must be at least 1, got 0"],
     ),
 }

@@ -61,15 +61,31 @@ def test_round_trip(store):
     assert isinstance(got[0]["created_at"], str)
     assert store.rejection_counts(run) == {"row_not_in_slice": 2, "label_not_in_set": 1}
 
-    store.record_call(run, provider="simulated", model="sim", request_hash="h1",
+    store.record_call(run, api="openai", model="sim", request_hash="h1",
                       slice_id="region=uk#1", agent="agent-0", input_tokens=100,
                       output_tokens=20, latency_ms=12.5)
-    store.record_call(run, provider="simulated", model="sim", request_hash="h2",
+    store.record_call(run, api="openai", model="sim", request_hash="h2",
                       input_tokens=50, output_tokens=0, status="error", error="HTTP 529")
-    assert store.call_totals(run) == {"calls": 2, "errors": 1, "input_tokens": 150,
-                                      "output_tokens": 20}
-    assert store.call_totals(other) == {"calls": 0, "errors": 0, "input_tokens": 0,
-                                        "output_tokens": 0}
+    store.record_call(run, api="anthropic", model="judge", request_hash="h3", role="judge",
+                      input_tokens=10, output_tokens=5, cost_usd=0.25)
+    store.record_call(run, api="anthropic", model="judge", request_hash="h3", role="judge",
+                      cached=True)  # a cache hit: no tokens, no cost, not a provider call
+    totals = store.call_totals(run)
+    assert {k: totals[k] for k in ("calls", "errors", "cache_hits", "input_tokens",
+                                   "output_tokens")} == {"calls": 3, "errors": 1,
+                                                         "cache_hits": 1, "input_tokens": 160,
+                                                         "output_tokens": 25}
+    assert totals["cost_usd"] == 0.25
+    assert totals["by_role"]["judge"] == {"calls": 1, "errors": 0, "cache_hits": 1,
+                                          "input_tokens": 10, "output_tokens": 5,
+                                          "cost_usd": 0.25}
+    assert store.call_totals(other)["calls"] == 0 and store.call_totals(other)["by_role"] == {}
+
+    # the call cache is keyed by content and keeps the first reply
+    assert store.cache_get("k1") is None
+    store.cache_put("k1", api="openai", model="sim", response={"text": "a"})
+    store.cache_put("k1", api="openai", model="sim", response={"text": "b"})
+    assert store.call_cache().get("k1") == {"text": "a"}
 
     slices = {s["slice_id"]: s for s in store.list_slices(run)}
     assert len(store.list_slices(run)) == 2
@@ -122,7 +138,7 @@ def test_four_threads_write_at_once(store):
         for i in range(per_thread):
             store.add_example(run, slice_id=f"s{t}", row_id=i, prompt=f"p{t}-{i}",
                               completion=" tech", label="tech", agent=f"a{t}")
-            store.record_call(run, provider="simulated", model="sim",
+            store.record_call(run, api="openai", model="sim",
                               request_hash=f"{t}-{i}", input_tokens=3, output_tokens=1)
             store.update_slice(run, f"s{t}", status="running", accepted=i + 1)
             if i % 10 == 0:
@@ -132,6 +148,7 @@ def test_four_threads_write_at_once(store):
         for future in [pool.submit(agent, t) for t in range(4)]:
             future.result()  # re-raises any writer's error
     assert len(store.accepted_examples(run)) == 4 * per_thread
-    assert store.call_totals(run) == {"calls": 100, "errors": 0, "input_tokens": 300,
-                                      "output_tokens": 100}
+    totals = store.call_totals(run)
+    assert (totals["calls"], totals["errors"], totals["input_tokens"],
+            totals["output_tokens"]) == (100, 0, 300, 100)
     assert {s["accepted"] for s in store.list_slices(run)} == {per_thread}

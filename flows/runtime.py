@@ -1,0 +1,116 @@
+"""The LLM runtime of one pipeline run: providers per role, gateways, the shared ledger.
+
+Prefect tasks receive only small, hashable settings (`RuntimeSettings`); each process
+builds the runtime once from them (`get_runtime`) and every agent thread shares it, so the
+cost ledger, the budget and each endpoint's adaptive rate limit are per run, not per agent.
+Keys are never task parameters (they would land in Prefect's database): they are read here,
+from the environment or a Prefect Secret block, by `resolve_key`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+
+from agents.drift import DriftMonitor, DriftPolicy
+from agents.gateway import LLMGateway
+from agents.judge import Judge
+from agents.ledger import CostLedger, load_prices
+from agents.providers import make_provider
+from agents.ratelimit import limiter_for
+from agents.skills import load_skill
+from flows.spec import Role, Spec, load_spec
+from flows.store import Store
+
+SIMULATED_KEY = "simulated-teacher-key"
+
+
+class MissingKey(RuntimeError):
+    """A role needs an API key that is neither in the environment nor in a Secret block."""
+
+
+def resolve_key(role_name: str, role: Role) -> str:
+    if role.simulated:
+        return SIMULATED_KEY
+    key = os.environ.get(role.key_env)
+    if key:
+        return key
+    if role.secret_block:
+        try:
+            from prefect.blocks.system import Secret
+
+            return Secret.load(role.secret_block).get()
+        except Exception as e:  # noqa: BLE001 - any failure to load is the same user error
+            raise MissingKey(f"llm.{role_name}.secret_block: could not load Prefect Secret "
+                             f"block {role.secret_block!r} ({e.__class__.__name__})") from None
+    raise MissingKey(f"llm.{role_name}: ${role.key_env} is not set; export it or name a "
+                     f"Prefect Secret block in llm.{role_name}.secret_block")
+
+
+def check_keys(spec: Spec) -> None:
+    """Every role's key, before any work starts: one clear error for the first missing."""
+    for name, role in spec.llm.roles().items():
+        resolve_key(name, role)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What a task needs to rebuild the runtime: small, hashable, no secrets."""
+
+    spec_path: str
+    run_id: str
+    store_url: str
+    out_dir: str
+    endpoints: tuple[tuple[str, str | None], ...]  # (role, base URL); simulated resolved
+
+
+class Runtime:
+    def __init__(self, settings: RuntimeSettings):
+        self.settings = settings
+        self.spec = load_spec(settings.spec_path)
+        self.store = Store(settings.store_url)
+        llm = self.spec.llm
+        self.ledger = CostLedger(
+            load_prices({m: p.model_dump(exclude_none=True) for m, p in llm.prices.items()}),
+            max_usd=llm.budget.max_usd, max_tokens=llm.budget.max_tokens,
+        )
+        endpoints = dict(settings.endpoints)
+        self.gateways: dict[str, LLMGateway] = {}
+        for name, role in llm.roles().items():
+            provider = make_provider(role.api, base_url=endpoints.get(name),
+                                     api_key=resolve_key(name, role), stream=role.stream)
+            limiter = limiter_for(provider.endpoint, initial=llm.rate_limit.initial,
+                                  minimum=llm.rate_limit.minimum,
+                                  maximum=llm.rate_limit.maximum)
+            self.gateways[name] = LLMGateway(
+                provider, role=name, cache=self.store.call_cache(), ledger=self.ledger,
+                limiter=limiter, on_call=self._record)
+        self.judge = None
+        if llm.judge is not None:
+            self.judge = Judge(self.gateways["judge"], model=llm.judge.model,
+                               skill=load_skill("review-examples"), labels=self.spec.task.labels,
+                               temperature=llm.judge.temperature,
+                               max_tokens=llm.judge.max_tokens)
+
+    def _record(self, record: dict) -> None:
+        self.store.record_call(self.settings.run_id, **record)
+
+    def drift_policy(self) -> DriftPolicy:
+        g = self.spec.generation
+        return DriftPolicy(DriftMonitor(window=g.drift_window, threshold=g.drift_threshold,
+                                        min_observations=max(5, g.drift_window // 2)))
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _build(settings: RuntimeSettings) -> Runtime:
+    return Runtime(settings)
+
+
+def get_runtime(settings: RuntimeSettings) -> Runtime:
+    with _lock:  # agent threads start together; build once
+        return _build(settings)
