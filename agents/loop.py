@@ -277,6 +277,7 @@ class _Agent:
 
     def accept(self, v: GateResult, judged: bool) -> None:
         self.result.accepted += 1
+        self.nudges = 0  # progress: a later early stop gets its own nudges
         self.labelled[str(v.row_id)] = v.label
         self.last_id = v.row_id if self.last_id is None else max(
             v.row_id, self.last_id, key=_id_order)

@@ -22,30 +22,23 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from agents.gates import Gate
-from agents.loop import AgentConfig, run_agent
 from agents.redact import redact
-from agents.skills import load_skill
-from agents.sql_tool import ScopedTable, SQLTool
 from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
+from flows.generation import generate, held_out_prompts, rebalance
 from flows.progress import Progress
-from flows.runtime import RuntimeSettings, check_keys, get_runtime
+from flows.runtime import RuntimeSettings, check_keys
 from flows.spec import Spec, load_spec
 from flows.store import Store
 from flows.warehouse import (
     SliceDescriptor,
     fetch_eval_rows,
-    fetch_slice_row,
     make_engine,
     plan_slices,
-    render_completion,
     render_prompt,
-    without_rows,
 )
 from training.evaluate import evaluate_classifier
 from training.launch import launch_sft
@@ -83,112 +76,7 @@ def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
     return slices
 
 
-# ── 2. generate: one sub-agent per slice ────────────────────────────────────────────────────
-@task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
-def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
-                   want_labels: list[str] | None = None) -> dict:
-    """One sub-agent labels one slice. A slice finished by an earlier, killed attempt of this
-    run is skipped; an unfinished one starts over, its completed LLM calls served from the
-    call cache, so a resumed run spends nothing twice."""
-    rt = get_runtime(settings)
-    spec, store, run_id = rt.spec, rt.store, settings.run_id
-    previous = next((s for s in store.list_slices(run_id)
-                     if s["slice_id"] == descriptor.slice_id), None)
-    if previous and previous["status"] == "done":
-        Progress.get(progress_id).advance("generate", previous["accepted"])
-        return {"slice_id": descriptor.slice_id, "accepted": previous["accepted"],
-                "rejected": previous["rejected"], "stopped_reason": previous["stopped_reason"],
-                "resumed": True}
-    store.clear_slice_examples(run_id, descriptor.slice_id)
-    engine = _engine(spec.warehouse.url)
-    agent = f"labeler/{descriptor.slice_id}"
-    progress = Progress.get(progress_id)
-    store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
-    held_out = _held_out_prompts(settings.spec_path)
-
-    def on_example(event: dict) -> None:
-        if event["status"] == "revoked":  # the judge's re-review disagreed after acceptance
-            store.revoke_example(run_id, descriptor.slice_id, str(event["row_id"]),
-                                 event["reason"])
-            progress.advance("generate", -1)
-            return
-        row = event.get("row") or {}
-        store.add_example(
-            run_id=run_id, slice_id=descriptor.slice_id, row_id=str(event["row_id"]),
-            prompt=render_prompt(spec, row) if row else "",
-            completion=render_completion(spec, event["label"]) if event.get("label") else "",
-            label=None if event.get("label") is None else str(event["label"]),
-            status=event["status"], reason=event.get("reason"), agent=agent,
-            model=spec.llm.generator.model,
-        )
-        if event["status"] == "accepted":
-            progress.advance("generate")
-
-    g, role = spec.generation, spec.llm.generator
-    result = run_agent(
-        rt.gateways["generator"],
-        config=AgentConfig(model=role.model, temperature=role.temperature,
-                           max_tokens=role.max_tokens, max_turns=g.max_turns,
-                           memory_budget_tokens=g.memory_budget_tokens,
-                           judge_sample_rate=g.judge_sample_rate, max_nudges=g.max_nudges,
-                           seed=spec.llm.simulated.seed),
-        skill=load_skill(spec.task.skill),
-        task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
-              "labels": spec.task.labels, "page_size": g.page_size,
-              "description": spec.task.description, "want_labels": want_labels or []},
-        sql_tool=SQLTool(engine, ScopedTable(
-            name=descriptor.table, columns=descriptor.columns, source_sql=descriptor.sql,
-            params=descriptor.params, id_column=descriptor.id_column,
-        ), row_limit=g.sql_row_limit),
-        gate=Gate(spec.task.labels, is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
-        row_lookup=lambda row_id: fetch_slice_row(engine, descriptor, row_id),
-        on_example=on_example,
-        agent_name=agent,
-        slice_id=descriptor.slice_id,
-        judge=rt.judge,
-        drift=rt.drift_policy(),
-    )
-    _write_transcript(settings, descriptor.slice_id, result.transcript)
-    rejected = sum(result.rejected.values())
-    store.update_slice(run_id, descriptor.slice_id, status="done", accepted=result.accepted,
-                       rejected=rejected, stopped_reason=result.stopped_reason)
-    get_run_logger().info(
-        "%s: %d accepted, %d rejected %s, %d revoked, %d calls, misuse %s, context max %d "
-        "tokens, stopped: %s", descriptor.slice_id, result.accepted, rejected,
-        dict(result.rejected), result.revoked, result.calls, result.misuse,
-        result.max_context_tokens, result.stopped_reason)
-    return {"slice_id": descriptor.slice_id, "accepted": result.accepted, "rejected": rejected,
-            "revoked": result.revoked, "misuse": result.misuse, "reanchors": result.reanchors,
-            "drift_alarm_call": result.drift_alarm_call,
-            "max_context_tokens": result.max_context_tokens,
-            "stopped_reason": result.stopped_reason, "resumed": False}
-
-
-@functools.cache
-def _held_out_prompts(spec_path: str) -> frozenset[str]:
-    spec = load_spec(spec_path)
-    return frozenset(render_prompt(spec, r)
-                     for r in fetch_eval_rows(spec, _engine(spec.warehouse.url)))
-
-
-def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list[dict]) -> None:
-    """One JSONL per agent under <out>/transcripts, secrets redacted; logged to MLflow."""
-    folder = Path(settings.out_dir) / "transcripts"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in slice_id)
-    (folder / f"{name}.jsonl").write_text("".join(
-        json.dumps(redact(m), ensure_ascii=False, default=str) + "\n" for m in transcript))
-
-
-def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
-             concurrency: int, want_labels: list[str] | None = None) -> list[dict]:
-    """Map one agent task per slice, `concurrency` at a time."""
-    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        futures = runner.map(generate_slice, {
-            "descriptor": slices, "settings": unmapped(settings),
-            "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels)})
-        return [f.result() for f in futures]
-
+# ── 2. generate: flows/generation.py (one sub-agent per slice, then top-up) ────────────────
 
 # ── 3. curate ───────────────────────────────────────────────────────────────────────────────
 @task(name="curate", cache_policy=NO_CACHE)
@@ -196,7 +84,7 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
            mlflow_run_id: str) -> dict:
     """Exact dedup, drop copies of held-out prompts, balance to the target, write, log."""
     examples = _store(store_url).accepted_examples(run_id)
-    held_out = _held_out_prompts(spec_path)
+    held_out = held_out_prompts(spec_path)
     seen: set[str] = set()
     kept, duplicates, leaks = [], 0, 0
     for ex in sorted(examples, key=lambda e: (e["slice_id"], e["row_id"])):
@@ -463,46 +351,6 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         if (out / "transcripts").is_dir():
             client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
         return summary
-
-
-def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
-              settings: RuntimeSettings, progress_id: str) -> dict:
-    """Measure the labels against the target; top up the under-represented ones."""
-    labels = spec.task.labels
-    target = distribution.target_shares(spec.distribution.target, labels)
-
-    def measure() -> tuple[Counter, float | None]:
-        counts = Counter(e["label"] for e in store.accepted_examples(run_id))
-        tv = distribution.tv_distance(distribution.shares(counts, labels), target) \
-            if target else None
-        return counts, tv
-
-    counts, tv_before = measure()
-    tv, results, topups = tv_before, [], 0
-    engine = _engine(spec.warehouse.url)
-    for round_no in range(1, spec.distribution.max_topup_rounds + 1):
-        if not target or tv <= spec.distribution.tolerance:
-            break
-        want = distribution.under_represented(counts, target, spec.distribution.tolerance)
-        if not want:
-            break
-        done: dict[str, list[str]] = {}
-        for ex in store.accepted_examples(run_id):
-            done.setdefault(ex["slice_id"].split("+topup")[0], []).append(ex["row_id"])
-        jobs = [without_rows(s, done.get(s.slice_id, []), f"{s.slice_id}+topup{round_no}",
-                             engine) for s in slices]
-        jobs = [j for j in jobs if j.row_count > 0]
-        if not jobs:
-            break
-        store.add_slices(run_id, jobs)
-        get_run_logger().info("label TV %.3f > %.3f: top-up round %d for %s over %d slices",
-                              tv, spec.distribution.tolerance, round_no, ", ".join(want),
-                              len(jobs))
-        results += generate(jobs, settings, progress_id, spec.generation.concurrency, want)
-        topups += len(jobs)
-        counts, tv = measure()
-    return {"tv_before": tv_before, "tv_after": tv, "topup_slices": topups,
-            "topup_results": results}
 
 
 def _close_run(client: MlflowClient, mlflow_run_id: str, store: Store, run_id: str,

@@ -1,0 +1,102 @@
+"""What the simulated teacher is told: where the gold labels live, and how badly to behave.
+
+`TeacherKnobs` is a strict pydantic model (the spec embeds it); every knob is a rate or a
+size, and every random choice the teacher makes is seeded from `seed` and what it is
+deciding about (a row id, a request hash), so two runs over the same requests answer alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import InitVar, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _rate(description: str) -> float:
+    return Field(0.0, ge=0.0, le=1.0, description=description)
+
+
+class TeacherKnobs(BaseModel):
+    """How the simulated teacher misbehaves. All zero: an honest, fast, perfect labeller."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="Seed of every random choice the teacher makes.")
+    # labels
+    error_rate: float = _rate("Share of rows given a wrong but valid label.")
+    off_spec_rate: float = _rate(
+        "Share of rows first given a label outside the set; corrected when the gate rejects it.")
+    drift_after_calls: int | None = Field(
+        None, ge=0, description="After this many labelling requests (server-wide), labels "
+        "start to drift (see drift_error_rate). None: never.")
+    drift_error_rate: float = _rate("Once drifted: share of rows given a wrong label.")
+    bias_labels: list[str] = Field(
+        default_factory=list, description="Favoured labels: in open labelling, rows whose "
+        "label is not among them are submitted only with probability 1/bias_factor.")
+    bias_factor: float = Field(
+        1.0, ge=1.0, description="How strongly bias_labels are favoured (1: no bias).")
+    # tool use
+    malformed_rate: float = _rate("Share of tool calls whose arguments are not valid JSON.")
+    misuse_rate: float = _rate(
+        "Share of sql calls that send a harmful or invalid query, or wrong arguments.")
+    prose_rate: float = _rate("Share of mid-task replies that are prose with no tool call.")
+    # transport faults (each hits only the first attempt of a request)
+    fault_429_rate: float = _rate("Share of requests answered 429 with retry-after headers.")
+    fault_500_rate: float = _rate("Share of requests answered 500.")
+    fault_529_rate: float = _rate(
+        "Share of requests answered 529 overloaded_error (503 on the OpenAI route).")
+    timeout_rate: float = _rate("Share of requests that stall timeout_s before answering.")
+    truncated_rate: float = _rate(
+        "Share of requests whose body is cut short or is not valid JSON.")
+    retry_after_s: float = Field(1.0, ge=0.0, description="retry-after sent with a 429.")
+    timeout_s: float = Field(30.0, ge=0.0, description="How long a timeout fault stalls.")
+    latency_ms: float = Field(0.0, ge=0.0, description="Added to every answer.")
+    # other roles
+    judge_error_rate: float = _rate("Share of reviewed rows the judge believes wrongly.")
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> TeacherKnobs:
+        if self.error_rate + self.off_spec_rate > 1:
+            raise ValueError("error_rate + off_spec_rate must be at most 1")
+        if self.prose_rate + self.misuse_rate + self.malformed_rate > 1:
+            raise ValueError("prose_rate + misuse_rate + malformed_rate must be at most 1")
+        faults = (self.fault_429_rate, self.fault_500_rate, self.fault_529_rate,
+                  self.timeout_rate, self.truncated_rate)
+        if sum(faults) > 1:
+            raise ValueError("the fault rates must add up to at most 1")
+        return self
+
+
+@dataclass
+class TeacherConfig:
+    """Where the gold labels are, and the knobs. `error_rate`, `off_spec_rate` and `seed`
+    are still accepted as keyword arguments: they land in `knobs` (read them there)."""
+
+    warehouse_url: str
+    table: str
+    id_column: str
+    gold_column: str
+    labels: list[str]
+    knobs: TeacherKnobs = field(default_factory=TeacherKnobs)
+    api_key: str | None = None
+    request_log: str | Path | None = None
+    models: list[str] = field(default_factory=lambda: ["simulated-teacher"])
+    error_rate: InitVar[float | None] = None
+    off_spec_rate: InitVar[float | None] = None
+    seed: InitVar[int | None] = None
+
+    def __post_init__(self, error_rate, off_spec_rate, seed) -> None:
+        for name in (self.table, self.id_column, self.gold_column):
+            if not _IDENT.match(name):
+                raise ValueError(f"{name!r} is not a plain SQL identifier")
+        if isinstance(self.knobs, dict):
+            self.knobs = TeacherKnobs.model_validate(self.knobs)
+        legacy = {k: v for k, v in (("error_rate", error_rate), ("off_spec_rate", off_spec_rate),
+                                    ("seed", seed)) if v is not None}
+        if legacy:
+            self.knobs = TeacherKnobs.model_validate({**self.knobs.model_dump(), **legacy})
+

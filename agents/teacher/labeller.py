@@ -1,0 +1,382 @@
+"""The labelling policy: a neutral conversation in, the next assistant message out.
+
+It plays an honest sub-agent following skills/label-examples, with seeded flaws (see
+TeacherKnobs). Labels come from the warehouse's GOLD column, which agents cannot read.
+
+Paging that survives memory pruning
+-----------------------------------
+Agents prune old turns: they keep the pinned system prompt, the first user message (the
+`<slice>` block), a summary note and the most recent turns, and may re-anchor to just the
+pinned messages plus a note like `{"resume_after_id": 40}`. So the teacher never counts
+past calls. It pages by key, not by offset:
+
+    SELECT id, <columns> FROM <table> WHERE id > <after_id> ORDER BY id LIMIT <page>
+
+and decides everything from the LAST assistant message and the tool results after it
+(the last turn is never pruned). Every message it sends starts with its own page in a
+note, `<progress>{"after_id": 12, "last_id": 40, "short": false, "limit": 25}</progress>`,
+the way a careful agent writes down where it is:
+
+    no assistant message yet         -> sql after the largest "resume_after_id" (or from the start)
+    sql result with rows             -> submit_examples for them (last_id = the last row's id;
+                                        short = fewer rows than the page size)
+    sql result cut short by the memory -> submit the rows still whole and go on after the
+                                        last of them, with pages of that many rows from now
+    sql result with no rows          -> finish with a plain message (its note says done)
+    submit result, fixable rejections -> resubmit those rows once (label_not_in_set,
+                                        invalid_schema: an in-set label; judge_disagreed:
+                                        the gold label, as after a careful re-read)
+    submit or resubmit result        -> finish if the page was short, else sql after last_id
+    a nudge after finishing          -> finish again (skipped rows stay skipped)
+    a tool error after one of its deliberate slips (misuse, malformed), or a nudge after
+    a prose reply                    -> redo the page: sql after after_id, this time correctly
+    a tool error on a correct call   -> give up with a plain message (no endless retrying)
+    an unreadable submit result      -> go on as if it had no rejections
+
+A row is handled only once per page, and a re-read page yields the same decisions, so
+any prefix of the conversation the memory keeps leads to the same next move.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from agents.teacher.config import TeacherConfig
+from agents.teacher.slips import PROSE, malform, misuse
+from agents.teacher.wire import Reply, text_of
+
+FIXABLE = {"label_not_in_set", "invalid_schema", "judge_disagreed"}
+MAX_SUBMIT = 100
+_PROGRESS = re.compile(r"<progress>(\{.*?\})</progress>", re.DOTALL)
+_RESUME = re.compile(r'"resume_after_id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+_SLICE = re.compile(r"<slice>\s*(\{.*?\})\s*</slice>", re.DOTALL)
+_AFTER = re.compile(r"\bWHERE\s+\w+\s*>\s*(-?\d+|'(?:[^']|'')*')", re.IGNORECASE)
+
+
+class GoldLabels:
+    """The warehouse's gold column, read by row id (ids compared as strings)."""
+
+    def __init__(self, config: TeacherConfig):
+        self.config = config
+        self.engine = sa.create_engine(config.warehouse_url)
+
+    def __call__(self, ids: list) -> dict[str, str]:
+        ids = [i for i in ids if isinstance(i, str | int) and not isinstance(i, bool)]
+        if not ids:
+            return {}
+        c = self.config
+        stmt = sa.text(
+            f"SELECT {c.id_column}, {c.gold_column} FROM {c.table} WHERE {c.id_column} IN :ids"
+        ).bindparams(sa.bindparam("ids", expanding=True))
+        with self.engine.connect() as conn:
+            return {str(i): g for i, g in conn.execute(stmt, {"ids": ids})}
+
+
+def slice_block(messages: list[dict]) -> dict | None:
+    """The `<slice>` JSON block of the first user message that has one."""
+    for m in messages:
+        if m.get("role") == "user":
+            found = _SLICE.search(text_of(m.get("content")))
+            if found:
+                try:
+                    block = json.loads(found.group(1))
+                except json.JSONDecodeError:
+                    return None
+                return block if isinstance(block, dict) and "table" in block else None
+    return None
+
+
+@dataclass
+class Step:
+    """The move the teacher would make if it made no mistake."""
+
+    kind: str                          # sql | submit | fix | done | give_up
+    after: object = None               # the page: rows with id > after
+    last: object = None                # the page's last row id (submit, fix)
+    short: bool = False                # the page was the slice's last
+    limit: int | None = None           # rows per page (None: the slice's page_size)
+    rows: list = field(default_factory=list)     # submit: rows read; fix: rejections
+    recovering: bool = False           # the previous move failed: no slip now
+    message: str = ""                  # give_up: why
+
+
+class Labeller:
+    def __init__(self, config: TeacherConfig, gold: GoldLabels):
+        self.config, self.knobs, self.gold = config, config.knobs, gold
+
+    # ── labels: seeded per row, so a re-read page gets the same answers ───────────────────
+    def _rng(self, purpose: str, key) -> random.Random:
+        return random.Random(f"{self.knobs.seed}:{purpose}:{key}")
+
+    def _wrong(self, row_id, gold: str, purpose: str) -> str:
+        wrong = [x for x in self.config.labels if x != gold]
+        return self._rng(purpose, row_id).choice(wrong) if wrong else gold
+
+    def believed(self, row_id, gold: str, drifted: bool) -> str:
+        """The valid label the teacher believes a row has (gold, or a seeded mistake)."""
+        k = self.knobs
+        u = self._rng("label", row_id).random()
+        label = gold
+        if k.off_spec_rate <= u < k.off_spec_rate + k.error_rate:
+            label = self._wrong(row_id, gold, "wrong")
+        if drifted and self._rng("drift", row_id).random() < k.drift_error_rate:
+            label = self._wrong(row_id, gold, "drift-wrong")
+        return label
+
+    def first_label(self, row_id, gold: str, drifted: bool) -> str:
+        """What it submits the first time: off the label set for off_spec_rate of rows."""
+        if self._rng("label", row_id).random() < self.knobs.off_spec_rate:
+            out = [x for x in (gold + "s", "world", gold.upper()) if x not in self.config.labels]
+            if out:
+                return self._rng("off-spec", row_id).choice(out)
+        return self.believed(row_id, gold, drifted)
+
+    def _chosen(self, row_id, label: str, want: list | None) -> bool:
+        if want:  # a targeted top-up: only the wanted labels, no bias
+            return label in want
+        k = self.knobs
+        if k.bias_labels and k.bias_factor > 1 and label not in k.bias_labels:
+            return self._rng("bias", row_id).random() < 1 / k.bias_factor
+        return True
+
+    # ── where are we? ─────────────────────────────────────────────────────────────────────
+    def next_step(self, messages: list[dict], block: dict) -> Step:
+        id_col = block.get("id_column", self.config.id_column)
+        resume = _resume_after(messages)
+        last_a = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
+                     default=None)
+        if last_a is None:
+            return Step("sql", after=resume)
+        said = messages[last_a]
+        calls = said.get("tool_calls") or []
+        note = _progress(said.get("content")) or _guess_progress(calls)
+        after = _later(note.get("after_id"), resume)
+        limit = note.get("limit") if isinstance(note.get("limit"), int) else None
+        if note.get("done"):
+            return Step("done", after=after)
+        if not calls:  # a prose reply (or a give-up), then a nudge: go on with the page
+            return Step("sql", after=after, limit=limit, recovering=True)
+        fn = calls[-1].get("function") or {}
+        answered = next((m for m in messages[last_a + 1:] if m.get("role") == "tool"
+                         and m.get("tool_call_id") == calls[-1].get("id")), None)
+        raw = text_of(answered.get("content")) if answered else None
+        result = _json(raw)
+        if answered is None or (isinstance(result, dict) and "error" in result):
+            if answered is not None and self._was_correct(fn, block, note):
+                return Step("give_up", after=note.get("after_id"), limit=limit,
+                            message=f"{fn.get('name')} failed: {result.get('message')}")
+            return Step("sql", after=after, limit=limit, recovering=True)
+        if fn.get("name") == "sql":
+            if isinstance(result, dict):
+                rows = [r for r in result.get("rows") or [] if isinstance(r, dict)]
+                short = len(rows) < self.page_size(block, limit) and not result.get("truncated")
+            else:  # cut short to fit the memory: the rows still whole, smaller pages next
+                rows, short = _whole_rows(raw), False
+                if not rows:
+                    return Step("give_up", after=note.get("after_id"), limit=limit,
+                                message="not even one row of a page fits in my memory")
+                limit = len(rows)
+            if not rows:
+                return Step("done", after=after)
+            return Step("submit", after=after, last=rows[-1].get(id_col), short=short,
+                        rows=rows, limit=limit)
+        if fn.get("name") == "submit_examples":
+            rejected = result.get("rejected") if isinstance(result, dict) else None
+            fix = [r for r in rejected or [] if isinstance(r, dict) and r.get("reason") in FIXABLE]
+            last, short = note.get("last_id"), bool(note.get("short"))
+            if fix and not note.get("fix"):  # one round of fixes per page: no endless loop
+                return Step("fix", after=after, last=last, short=short, rows=fix, limit=limit)
+            return Step("done", after=last) if short else \
+                Step("sql", after=_later(last, resume), limit=limit)
+        return Step("sql", after=after, limit=limit, recovering=True)
+
+    def page_size(self, block: dict, limit: int | None = None) -> int:
+        return max(1, min(int(limit or block.get("page_size") or 25), MAX_SUBMIT))
+
+    def page_query(self, block: dict, after, limit: int | None = None) -> str:
+        id_col = block.get("id_column", self.config.id_column)
+        cols = [id_col] + [c for c in block.get("columns") or [] if c != id_col]
+        where = f" WHERE {id_col} > {_literal(after)}" if after is not None else ""
+        return (f"SELECT {', '.join(cols)} FROM {block['table']}{where} ORDER BY {id_col} "
+                f"LIMIT {self.page_size(block, limit)}")
+
+    def _was_correct(self, fn: dict, block: dict, note: dict) -> bool:
+        """Did a call the teacher meant to be right fail? (then retrying it cannot help)"""
+        args = _json(fn.get("arguments") or "")
+        if fn.get("name") == "sql":
+            return args == {"query": self.page_query(block, note.get("after_id"),
+                                                     note.get("limit"))}
+        return fn.get("name") == "submit_examples" and isinstance(args, dict) \
+            and isinstance(args.get("examples"), list)
+
+    # ── the move ──────────────────────────────────────────────────────────────────────────
+    def decide(self, messages: list[dict], block: dict, drifted: bool) -> tuple[Reply, Step]:
+        """The correct next message (before any deliberate slip) and the step it makes."""
+        step = self.next_step(messages, block)
+        if step.kind in ("submit", "fix"):
+            examples = self._examples(step, block, drifted)
+            if examples:
+                what = "Resubmitting corrected labels" if step.kind == "fix" else "Submitting"
+                note = _note(step, last_id=step.last, short=step.short, fix=step.kind == "fix")
+                text = (f"{note} {what} {len(examples)} labels for the rows "
+                        f"{_span(step.after)} up to id {step.last}.")
+                return Reply(text, [_call("submit_examples", {"examples": examples})]), step
+            step = Step("done", after=step.last) if step.short else \
+                Step("sql", after=step.last, limit=step.limit, recovering=step.recovering)
+        if step.kind == "sql":
+            query = self.page_query(block, step.after, step.limit)
+            text = f"{_note(step)} Reading the rows {_span(step.after)}."
+            return Reply(text, [_call("sql", {"query": query})]), step
+        slice_id = block.get("slice_id", "?")
+        if step.kind == "give_up":
+            return Reply(f"{_note(step)} I cannot go on with slice {slice_id}: "
+                         f"{step.message}"), step
+        return Reply(f"{_note(step, done=True)} Labelled every row of slice {slice_id} that I "
+                     f"was asked for."), step
+
+    def answer(self, messages: list[dict], block: dict, drifted: bool,
+               request_hash: str) -> tuple[Reply, dict | None]:
+        """The next message, with a seeded slip now and then: (reply, the slip or None).
+        No slip right after a failed or prose move, nor on a fix (the agent must recover)."""
+        reply, step = self.decide(messages, block, drifted)
+        if step.recovering or step.kind not in ("sql", "submit") or not reply.tool_calls:
+            return reply, None
+        k, rng = self.knobs, self._rng("slip", request_hash)
+        u, note = rng.random(), _note(step)
+        if u < k.prose_rate:
+            text = f"{note} {rng.choice(PROSE)}"
+            return Reply(text), {"kind": "prose", "variant": None, "emitted": text}
+        u -= k.prose_rate
+        call = reply.tool_calls[0]
+        if call["name"] == "sql" and u < k.misuse_rate:
+            variant, arguments = misuse(block, self.config.gold_column, rng)
+            slip = {"kind": "misuse", "variant": variant, "emitted": arguments}
+            return Reply(reply.content, [{"name": "sql", "arguments": arguments}]), slip
+        if call["name"] == "sql":
+            u -= k.misuse_rate
+        if u < k.malformed_rate:
+            variant, arguments = malform(call["arguments"], rng)
+            slip = {"kind": "malformed", "variant": variant, "emitted": arguments[:200]}
+            return Reply(reply.content, [{"name": call["name"], "arguments": arguments}]), slip
+        return reply, None
+
+    def _examples(self, step: Step, block: dict, drifted: bool) -> list[dict]:
+        id_col = block.get("id_column", self.config.id_column)
+        if step.kind == "fix":
+            reasons = {str(r.get("row_id")): r.get("reason") for r in step.rows}
+            ids = [r.get("row_id") for r in step.rows]
+        else:
+            reasons, ids = {}, [r.get(id_col) for r in step.rows]
+        gold = self.gold(ids)
+        want = block.get("want_labels") or None
+        out = []
+        for i in ids:
+            g = gold.get(str(i))
+            if g is None:
+                continue
+            label = self.believed(i, g, drifted)
+            if step.kind == "fix":
+                if reasons.get(str(i)) == "judge_disagreed":
+                    label = g  # it reads the row again, carefully
+                if label in self.config.labels:  # never loop on a gold label outside the set
+                    out.append({"row_id": i, "label": label})
+            elif self._chosen(i, label, want):
+                out.append({"row_id": i, "label": self.first_label(i, g, drifted)})
+        return out[:MAX_SUBMIT]
+
+
+# ── small helpers ──────────────────────────────────────────────────────────────────────────
+def _call(name: str, arguments: dict) -> dict:
+    return {"name": name, "arguments": json.dumps(arguments)}
+
+
+def _span(after) -> str:
+    return "from the start" if after is None else f"after id {after}"
+
+
+def _note(step: Step, **more) -> str:
+    """The teacher's own bookmark, first in its message (a memory cut keeps the start)."""
+    note = {"after_id": step.after, **({"limit": step.limit} if step.limit else {}), **more}
+    return f"<progress>{json.dumps(note)}</progress>"
+
+
+def _whole_rows(text: str | None) -> list[dict]:
+    """The rows of an sql result that survive whole in a text cut short."""
+    start = text.find('"rows"') if text else -1
+    i = text.find("[", start) + 1 if start >= 0 else 0
+    rows, decoder = [], json.JSONDecoder()
+    while 0 < i < len(text):
+        while i < len(text) and text[i] in " ,\n\r\t":
+            i += 1
+        try:
+            row, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
+    return rows
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _progress(content) -> dict | None:
+    found = _PROGRESS.findall(text_of(content))
+    note = _json(found[-1]) if found else None
+    return note if isinstance(note, dict) else None
+
+
+def _guess_progress(calls: list[dict]) -> dict:
+    """For assistant messages the teacher did not write: the page from the calls."""
+    for c in calls:
+        fn = c.get("function") or {}
+        args = _json(fn.get("arguments") or "")
+        if fn.get("name") == "sql" and isinstance(args, dict):
+            found = _AFTER.search(str(args.get("query", "")))
+            if found:
+                return {"after_id": _unliteral(found.group(1))}
+        if fn.get("name") == "submit_examples" and isinstance(args, dict):
+            ids = [e.get("row_id") for e in args.get("examples") or [] if isinstance(e, dict)]
+            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+            if ids:
+                return {"last_id": max(ids), "short": False}
+    return {}
+
+
+def _resume_after(messages: list[dict]):
+    """The largest `"resume_after_id": N` in any user or system note (None if none)."""
+    found = None
+    for m in messages:
+        if m.get("role") in ("user", "system"):
+            for raw in _RESUME.findall(text_of(m.get("content"))):
+                found = _later(found, json.loads(raw))
+    return found
+
+
+def _later(a, b):
+    """The later of two row ids (keys only grow); None stands for 'before the first row'."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, bool) or isinstance(b, bool) or type(a) is not type(b):
+        return a
+    return max(a, b)
+
+
+def _literal(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _unliteral(text: str):
+    return int(text) if text.lstrip("-").isdigit() else text[1:-1].replace("''", "'")
