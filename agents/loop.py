@@ -270,6 +270,8 @@ class _Agent:
                 continue
             accepted += 1
             self.accept(v, judged=review is not None and review.agree is True)
+        if self.judge_all and self.unjudged:  # the alarm fired mid-batch: review the rest now
+            self.rereview()
         counts = Counter(r["reason"] for r in rejected)
         note = f"submitted {len(args.examples)} ({accepted} accepted" + (
             f", rejected: {', '.join(f'{k} {n}' for k, n in counts.items())})" if counts else ")")
@@ -315,8 +317,9 @@ class _Agent:
         action = self.drift.observe(ok, at=self.result.calls)
         if action == "reanchor":
             self.reanchor()
-        elif action == "stop":
+        elif action == "stop" and not self.result.stopped_reason.startswith("drift"):
             self.result.stopped_reason = self.drift.reason
+            self.judge_all = True  # whatever it accepted unjudged is suspect too
 
     def reanchor(self) -> None:
         """Memory back to the pinned spec; judge everything; re-review the recent unjudged."""
@@ -325,7 +328,18 @@ class _Agent:
         if self.result.drift_alarm_call is None:
             self.result.drift_alarm_call = self.result.calls
         self.judge_all = True
-        suspects, self.unjudged = self.unjudged[-200:], []
+        self.rereview()
+        after = {"resume_after_id": self.last_id} if self.last_id is not None else {}
+        note = (f"[memory] Re-anchored: your recent labels drifted from the task. Re-read the "
+                f"pinned task above and label carefully. {json.dumps(after, default=str)} "
+                f"{len(self.labelled)} rows of {self.task['rows']} are labelled.")
+        self.memory.reset(note)
+        self.result.transcript.append({"event": "reanchor", "call": self.result.calls,
+                                       "revoked": self.result.revoked, "note": note})
+
+    def rereview(self, limit: int = 200) -> None:
+        """Judge the recent examples accepted unjudged; revoke those the judge rejects."""
+        suspects, self.unjudged = self.unjudged[-limit:], []
         reviewed = self.review([GateResult(True, row_id=s["row_id"], label=s["label"],
                                            row=s["row"]) for s in suspects])
         for s in suspects:
@@ -337,13 +351,6 @@ class _Agent:
                 self.result.revoked += 1
                 self.on_example({"agent": self.agent, "row_id": s["row_id"], "label": s["label"],
                                  "row": None, "status": "revoked", "reason": JUDGE_DISAGREED})
-        after = {"resume_after_id": self.last_id} if self.last_id is not None else {}
-        note = (f"[memory] Re-anchored: your recent labels drifted from the task. Re-read the "
-                f"pinned task above and label carefully. {json.dumps(after, default=str)} "
-                f"{len(self.labelled)} rows of {self.task['rows']} are labelled.")
-        self.memory.reset(note)
-        self.result.transcript.append({"event": "reanchor", "call": self.result.calls,
-                                       "revoked": self.result.revoked, "note": note})
 
     # helpers
     def parse(self, arguments: str | None, model: type[BaseModel]):

@@ -3,18 +3,43 @@
 The agent writes SQL against one table name (say `articles`). That name is a view of
 exactly its slice's rows and of the allow-listed columns only: the tool runs
 
-    WITH _pt_slice AS (SELECT <allowed columns> FROM (<trusted slice SQL>) AS _pt_src)
+    WITH _pt_slice_<nonce> AS (SELECT <allowed columns> FROM (<trusted slice SQL>) AS _pt_src)
          [, the agent's own CTEs]
-    <the agent's query, its table references pointed at _pt_slice>
-    LIMIT <row limit>
+    <the agent's query, its table references pointed at _pt_slice_<nonce>>
+    LIMIT <row limit + 1>
 
-Before that, sqlglot checks the agent's query (`check`): one statement, a SELECT or a
-set operation (UNION ...) at the root, no DML/DDL/commands anywhere, no tables other
-than the scoped one and the query's own CTEs, no schema-qualified names, no
-table-valued or denied functions, no bind parameters, and only allow-listed columns
-(or aliases the query itself defines). A rejection raises `SQLRejected` whose message
-says what to change. The guard is basic; the view is what keeps other rows and the gold
-column out of reach, and the read runs in a transaction that is rolled back.
+Two independent layers keep the agent's SQL read-only and inside its slice:
+
+1. **The guard** (`agents.sql_guard`): sqlglot checks the query against an allow-list
+   of read-only constructs, tables, columns and functions; the SQL that runs is generated
+   from the checked tree. A refusal raises `SQLRejected` with a `code` and a `reason`
+   the agent can act on.
+2. **The connection** (here), which holds even for SQL the guard never saw
+   (`SQLTool._execute` runs raw text under this layer alone; the tests do exactly that):
+   * SQLite: an authorizer allows only SELECT, column reads made inside the trusted slice
+     CTE (whose name carries a fresh random nonce per query, so an agent cannot name it),
+     and allow-listed functions; everything else (reading the real table directly, the
+     gold column, other tables, PRAGMA, ATTACH, VACUUM INTO, writes, recursive CTEs,
+     transactions) is denied by SQLite itself. No database may be attached
+     (`SQLITE_LIMIT_ATTACHED` 0), values are capped at 16 MiB, and a progress handler
+     aborts the query at its deadline. All of it is removed before the connection goes
+     back to the pool.
+   * PostgreSQL: a READ ONLY transaction, `SET LOCAL ROLE` to a role that may SELECT only
+     the allowed columns (`ensure_reader_role`; PostgreSQL itself refuses the gold column
+     and other tables), `SET LOCAL statement_timeout` plus a client-side cancel at the
+     deadline (which no SQL can lift), no ';' in the text (psycopg2 sends text over the
+     simple protocol, which runs every statement in it), and a rollback.
+
+     Limit of this layer: PostgreSQL checks `SET ROLE` / `set_config('role', ...)`
+     against the *login*, not the current role. With a superuser login, a statement
+     that got past the guard could switch back (e.g. `SELECT set_config('role',
+     'postgres', true), query_to_xml('SELECT topic ...', ...)`). The guard refuses all of
+     these; for a boundary that holds on its own, point the agents' engine at a login
+     that can only become the reader role (or is it: `CREATE ROLE posttrain_reader LOGIN
+     ...`), and the READ ONLY transaction still stops writes either way. The role also
+     does not scope rows: the slice CTE does, behind the guard.
+
+The guard and the connection together are counted in `SQLTool.stats`.
 """
 
 from __future__ import annotations
@@ -22,37 +47,64 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import logging
 import re
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-import sqlglot
 from sqlglot import exp
 
-SLICE_CTE = "_pt_slice"
+from agents.sql_guard import (
+    SQLRejected,
+    check_tree,
+    enforce_limit,
+    generate,
+    normalized_name,
+    sqlglot_dialect,
+)
+
+__all__ = [
+    "SLICE_CTE",
+    "ReaderRoleError",
+    "SQLRejected",
+    "SQLTool",
+    "ScopedTable",
+    "ensure_reader_role",
+    "reader_role_sql",
+]
+
+log = logging.getLogger(__name__)
+
+SLICE_CTE = "_pt_slice"  # prefix of the trusted CTE's name; a random nonce follows
+DEFAULT_READER_ROLE = "posttrain_reader"
 _INTERNAL = re.compile(r"^_pt_", re.IGNORECASE)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Functions that read or write files, load code, or stall the database.
-DENIED_FUNCTIONS = {
-    "load_extension", "readfile", "writefile", "edit", "fts3_tokenizer", "zipfile",
-    "randomblob", "zeroblob", "sleep", "pg_sleep", "pg_read_file", "pg_read_binary_file",
-    "pg_ls_dir", "lo_import", "lo_export", "dblink", "current_setting", "set_config",
-}
-_FORBIDDEN_NODES = (
-    exp.DML, exp.DDL, exp.Command, exp.Into, exp.Lock, exp.Set, exp.Pragma, exp.Attach,
-    exp.Detach, exp.Drop, exp.Alter, exp.TruncateTable, exp.Transaction, exp.Commit,
-    exp.Rollback, exp.Use, exp.Grant, exp.Analyze, exp.Describe,
-)
-# SQLAlchemy dialect name -> sqlglot dialect name, where they differ.
-_DIALECTS = {"postgresql": "postgres", "mssql": "tsql"}
+_MAX_VALUE_BYTES = 16 * 1024 * 1024
+_CANCEL_GRACE_S = 1.0
+
+# SQLite functions the authorizer lets agent SQL call (outside the trusted CTE, which may
+# call anything it likes, e.g. posttrain_hash). The names the guard's allow-list compiles to.
+SQLITE_FUNCTIONS = frozenset({
+    "count", "sum", "total", "avg", "min", "max", "group_concat", "string_agg",
+    "lower", "upper", "length", "octet_length", "substr", "substring", "trim", "ltrim",
+    "rtrim", "replace", "instr", "concat", "concat_ws", "unicode", "char", "hex",
+    "coalesce", "ifnull", "nullif", "iif", "typeof", "round", "abs", "sign", "ceil",
+    "ceiling", "floor", "sqrt", "pow", "power", "ln", "log", "log10", "exp", "date", "time",
+    "datetime", "julianday", "strftime", "unixepoch", "like", "glob", "row_number", "rank",
+    "dense_rank", "ntile", "lag", "lead", "first_value", "last_value", "nth_value",
+    "percent_rank", "cume_dist",
+})
+_SQLITE_CATALOG = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master",
+                             "sqlite_temp_schema", "sqlite_sequence"})
 
 
-class SQLRejected(Exception):
-    """The agent's SQL was refused; `reason` is a message the agent can act on."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+class ReaderRoleError(RuntimeError):
+    """The PostgreSQL reader role is missing or wrong and this login cannot fix it."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +112,8 @@ class ScopedTable:
     """The one table an agent sees: `name` over the rows `source_sql` yields.
 
     `source_sql` is trusted (written by posttrain, not the agent): a SELECT with
-    :named `params` that yields exactly the slice's rows. Only `columns` are exposed."""
+    :named `params` that yields exactly the slice's rows. Only `columns` are exposed.
+    On PostgreSQL it runs as the reader role, so it may read only `columns` of `name`."""
 
     name: str
     columns: tuple[str, ...] | list[str]
@@ -79,163 +132,453 @@ class ScopedTable:
 
 
 class SQLTool:
-    """`run(sql)` executes an agent's query over its slice; `lookup_row(id)` fetches a row."""
+    """`run(sql)` executes an agent's query over its slice; `lookup_row(id)` fetches a row.
 
-    def __init__(self, engine: sa.Engine, scoped: ScopedTable, row_limit: int = 200):
+    `timeout_s` bounds each query; `pg_role` is the SELECT-only role PostgreSQL queries
+    run as (created on first use when this login may, see `ensure_reader_role`; None
+    when the login itself is already that restricted)."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        scoped: ScopedTable,
+        row_limit: int = 200,
+        *,
+        timeout_s: float = 2.0,
+        pg_role: str | None = DEFAULT_READER_ROLE,
+    ):
         if row_limit < 1:
             raise ValueError("row_limit must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.kind = engine.dialect.name
+        if self.kind not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"the SQL tool has no hardened connection for {self.kind!r}; "
+                "use SQLite or PostgreSQL"
+            )
+        if self.kind == "sqlite" and sqlite3.sqlite_version_info < (3, 35):
+            raise ValueError(f"the SQL tool needs SQLite 3.35+ (have {sqlite3.sqlite_version})")
         self.engine = engine
         self.scoped = scoped
         self.row_limit = row_limit
-        self.dialect = _DIALECTS.get(engine.dialect.name, engine.dialect.name)
-        if self.dialect not in sqlglot.Dialect.classes:
-            self.dialect = None  # sqlglot's generic dialect
-        cols = ", ".join(scoped.columns)
-        self._slice_cte = (
-            f"{SLICE_CTE} AS (SELECT {cols} FROM ({scoped.source_sql}) AS _pt_src)"
-        )
+        self.timeout_s = timeout_s
+        self.pg_role = pg_role
+        self.dialect = sqlglot_dialect(self.kind)
+        self.stats: dict = {"executed": 0, "rejected": 0, "failed": 0, "by_code": {}}
+        quote = engine.dialect.identifier_preparer.quote
+        self._columns_sql = ", ".join(quote(c) for c in scoped.columns)
 
-    # ── the guard ───────────────────────────────────────────────────────────────────────────
+    # ── the guard ─────────────────────────────────────────────────────────────────────
     def check(self, sql: str) -> exp.Query:
         """Parse and check the agent's query; return its tree or raise SQLRejected."""
-        if not isinstance(sql, str) or not sql.strip():
-            raise SQLRejected("the query is empty; send one SELECT statement")
-        try:
-            statements = [s for s in sqlglot.parse(sql, read=self.dialect) if s is not None]
-        except sqlglot.errors.ParseError as e:
-            first = str(e).splitlines()[0]
-            raise SQLRejected(f"the query does not parse: {first}") from None
-        if len(statements) != 1:
-            raise SQLRejected(
-                f"send exactly one SQL statement, got {len(statements)}; drop extra ';' parts"
-            )
-        tree = statements[0]
-        if not isinstance(tree, (exp.Select, exp.SetOperation)):
-            kind = tree.name if isinstance(tree, exp.Command) else tree.key
-            raise SQLRejected(
-                f"only SELECT queries are allowed (got {kind.upper()}); the tool is read-only"
-            )
-        for node in tree.walk():
-            if isinstance(node, _FORBIDDEN_NODES):
-                raise SQLRejected(
-                    f"{node.key.upper()} is not allowed anywhere in the query; "
-                    "only read with SELECT"
-                )
-            if isinstance(node, (exp.Placeholder, exp.Parameter)):
-                raise SQLRejected("bind parameters are not supported; write literal values")
-            if isinstance(node, exp.Func):
-                fname = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
-                if fname in DENIED_FUNCTIONS:
-                    raise SQLRejected(f"function {fname}() is not allowed")
+        return check_tree(sql, {self.scoped.name: list(self.scoped.columns)}, self.dialect)
 
-        with_ = tree.args.get("with_")
-        if with_ is not None and with_.args.get("recursive"):
-            raise SQLRejected("recursive CTEs are not allowed; use a plain WITH")
-        ctes = {c.alias_or_name.casefold() for c in tree.find_all(exp.CTE)}
-        table = self.scoped.name.casefold()
-        if table in ctes or any(_INTERNAL.match(c) for c in ctes):
-            raise SQLRejected(f"a CTE may not be named {self.scoped.name!r} or start with _pt_")
+    def _slice_cte(self, name: str) -> str:
+        # SQLite: MATERIALIZED keeps the slice from being flattened into the agent's query,
+        # so every read of the real table happens inside this CTE (where the authorizer
+        # trusts it) and `count(*)` never turns into an untagged read of the whole table
+        how = "MATERIALIZED " if self.kind == "sqlite" else ""
+        body = f"SELECT {self._columns_sql} FROM ({self.scoped.source_sql}) AS _pt_src"
+        return f"{name} AS {how}({body})"
 
-        for t in tree.find_all(exp.Table):
-            if not isinstance(t.this, exp.Identifier):
-                raise SQLRejected(
-                    f"table functions are not allowed; read from {self.scoped.name!r}"
-                )
-            if t.args.get("db") or t.args.get("catalog"):
-                raise SQLRejected(
-                    f"qualified table names ({t.sql(self.dialect)}) are not allowed; "
-                    f"write just {self.scoped.name}"
-                )
-            if t.name.casefold() not in ctes | {table}:
-                raise SQLRejected(
-                    f"table {t.name!r} is not available; the only table is {self.scoped.name!r}"
-                )
-
-        allowed = {c.casefold() for c in self.scoped.columns} | _aliases(tree)
-        for col in tree.find_all(exp.Column):
-            if col.args.get("db") or col.args.get("catalog"):
-                raise SQLRejected(f"qualified names ({col.sql(self.dialect)}) are not allowed")
-            if isinstance(col.this, exp.Star):
-                continue
-            if col.name.casefold() not in allowed:
-                raise SQLRejected(
-                    f"column {col.name!r} is not available; the columns of "
-                    f"{self.scoped.name} are: {', '.join(self.scoped.columns)}"
-                )
-        return tree
-
-    # ── execution ───────────────────────────────────────────────────────────────────────────
-    def build(self, sql: str, escape_colons: bool = False) -> str:
+    def build(self, sql: str, escape_colons: bool = False, cte: str | None = None) -> str:
         """The SQL executed for an agent query (checked, scoped, limited).
 
         With escape_colons the agent's part has its colons escaped for `sa.text()`, so
         only the trusted slice SQL binds :named parameters."""
+        cte = cte or _nonce_name()
         tree = self.check(sql)
-        # point the agent's table references at the slice CTE, keeping the name as alias
+        table = normalized_name(self.scoped.name, self.dialect)
+        # point the agent's table references at the slice CTE, keeping its name as alias
         for t in list(tree.find_all(exp.Table)):
-            if t.name.casefold() == self.scoped.name.casefold():
-                alias = t.alias or t.name
-                t.set("this", exp.to_identifier(SLICE_CTE))
-                t.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+            if t.name == table:
+                alias = t.args["alias"].this if t.args.get("alias") else t.this.copy()
+                t.set("this", exp.to_identifier(cte))
+                t.set("alias", exp.TableAlias(this=alias))
         # lift the agent's CTEs so ours comes first
         with_ = tree.args.get("with_")
-        ctes = [c.sql(self.dialect) for c in with_.expressions] if with_ else []
+        ctes = [generate(c, self.dialect) for c in with_.expressions] if with_ else []
         tree.set("with_", None)
-        tree = self._limit(tree)
-        agent_part = "".join(f", {c}" for c in ctes) + " " + tree.sql(self.dialect)
+        tree = enforce_limit(tree, self.row_limit + 1)
+        agent_part = "".join(f", {c}" for c in ctes) + " " + generate(tree, self.dialect)
         if escape_colons:
             agent_part = agent_part.replace(":", "\\:")
-        return "WITH " + self._slice_cte + agent_part
+        return "WITH " + self._slice_cte(cte) + agent_part
 
-    def _limit(self, tree: exp.Query) -> exp.Query:
-        """Cap the rows at row_limit + 1 (the extra row tells us the result was truncated)."""
-        cap = self.row_limit + 1
-        limit = tree.args.get("limit")
-        if limit is None:
-            tree.set("limit", exp.Limit(expression=exp.Literal.number(cap)))
-            return tree
-        value = limit.expression
-        if isinstance(value, exp.Literal) and not value.is_string and value.this.isdigit():
-            limit.set("expression", exp.Literal.number(min(int(value.this), cap)))
-            return tree
-        return exp.select("*").from_(tree.subquery("_pt_q")).limit(cap)
-
+    # ── execution ─────────────────────────────────────────────────────────────────────
     def run(self, sql: str) -> dict:
         """Run the agent's query; return {"rows", "row_count", "truncated"} (JSON-safe)."""
-        stmt = sa.text(self.build(sql, escape_colons=True))
-        with self.engine.connect() as conn:
-            try:
-                result = conn.execute(stmt, self.scoped.params)
-                rows = [_json_row(r) for r in result.mappings().fetchmany(self.row_limit + 1)]
-            finally:
-                conn.rollback()
+        cte = _nonce_name()
+        try:
+            built = self.build(sql, escape_colons=True, cte=cte)
+            rows = self._execute(built, self.scoped.params, cte, self.row_limit + 1)
+        except SQLRejected as e:
+            self.stats["rejected"] += 1
+            self.stats["by_code"][e.code] = self.stats["by_code"].get(e.code, 0) + 1
+            raise
+        except sa.exc.SQLAlchemyError:
+            self.stats["failed"] += 1
+            raise
+        self.stats["executed"] += 1
         truncated = len(rows) > self.row_limit
         rows = rows[: self.row_limit]
         return {"rows": rows, "row_count": len(rows), "truncated": truncated}
 
     def lookup_row(self, row_id: str | int) -> dict | None:
         """The slice's row with this id (allowed columns only), or None if not in the slice."""
-        sql = (
-            f"WITH {self._slice_cte} SELECT * FROM {SLICE_CTE} "
-            f"WHERE {self.scoped.id_column} = :_pt_row_id"
-        )
-        params = {**self.scoped.params, "_pt_row_id": row_id}
+        cte = _nonce_name()
+        id_col = self.engine.dialect.identifier_preparer.quote(self.scoped.id_column)
+        sql = f"WITH {self._slice_cte(cte)} SELECT * FROM {cte} WHERE {id_col} = :_pt_row_id"
+        rows = self._execute(sql, {**self.scoped.params, "_pt_row_id": row_id}, cte, 1)
+        return rows[0] if rows else None
+
+    def _execute(
+        self, sql: str, params: dict | None = None, trusted_cte: str | None = None,
+        max_rows: int | None = None,
+    ) -> list[dict]:
+        """Run `sql` under the connection layer only (no guard): rows as JSON-safe dicts.
+
+        With params, `sql` goes through `sa.text` (":name" binds); without, it is sent as
+        is. `trusted_cte` names the CTE whose reads SQLite's authorizer trusts."""
+        if self.kind == "postgresql" and ";" in sql:
+            raise SQLRejected(
+                "';' is not allowed in queries on this warehouse, not even inside a string "
+                "(write chr(59) for one)", "multiple_statements",
+            )
+        if self.kind == "postgresql":
+            self._ensure_role()
+        deadline = time.monotonic() + self.timeout_s
         with self.engine.connect() as conn:
+            hardened = _sqlite_hardened if self.kind == "sqlite" else _pg_hardened
+            with hardened(self, conn, trusted_cte, deadline):
+                try:
+                    if params is None:  # the text exactly as given
+                        raw_sql = sql
+                        if conn.dialect.paramstyle in ("pyformat", "format"):
+                            raw_sql = sql.replace("%", "%%")
+                        result = conn.exec_driver_sql(raw_sql)
+                    else:
+                        result = conn.execute(sa.text(sql), params)
+                    mappings = result.mappings()
+                    rows = mappings.fetchmany(max_rows) if max_rows else mappings.all()
+                except sa.exc.OperationalError as e:
+                    if _timed_out(e, deadline):
+                        raise SQLRejected(
+                            f"the query ran past {self.timeout_s:g} s and was stopped; "
+                            "narrow it (WHERE, LIMIT) and avoid joins that multiply rows",
+                            "timeout",
+                        ) from None
+                    raise
+        return [_json_row(r) for r in rows]
+
+    def _ensure_role(self) -> None:
+        if self.pg_role:
+            ensure_reader_role(
+                self.engine, self.pg_role, {self.scoped.name: list(self.scoped.columns)}
+            )
+
+
+def _nonce_name() -> str:
+    return f"{SLICE_CTE}_{secrets.token_hex(8)}"
+
+
+def _timed_out(e: sa.exc.OperationalError, deadline: float) -> bool:
+    if getattr(e.orig, "pgcode", None) == "57014":  # query_canceled
+        return True
+    return "interrupted" in str(e.orig) and time.monotonic() >= deadline
+
+
+# ── SQLite: authorizer, limits, deadline ─────────────────────────────────────────────────
+def _sqlite_authorizer(trusted_cte: str | None, real_tables: set[str]):
+    ok, deny = sqlite3.SQLITE_OK, sqlite3.SQLITE_DENY
+
+    def authorize(action, arg1, arg2, _db, inner):
+        if action == sqlite3.SQLITE_SELECT:
+            return ok
+        if action in (sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION) and (
+            trusted_cte is not None and inner == trusted_cte
+        ):
+            return ok  # the trusted slice SQL, inside the nonce-named CTE
+        if action == sqlite3.SQLITE_READ and arg2 == "":
+            # a read of rows but no column (count(*), EXISTS): fine for CTEs and subqueries
+            return ok if (arg1 or "").casefold() not in real_tables else deny
+        if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").casefold() in SQLITE_FUNCTIONS:
+            return ok
+        return deny
+
+    return authorize
+
+
+@contextmanager
+def _sqlite_hardened(_tool: SQLTool, conn: sa.Connection, trusted_cte, deadline: float):
+    raw = conn.connection.driver_connection
+    if not isinstance(raw, sqlite3.Connection):
+        raise TypeError("the SQL tool needs the standard sqlite3 driver to harden SQLite")
+    real = {
+        r[0].casefold()
+        for r in raw.execute(
+            "SELECT name FROM sqlite_master UNION SELECT name FROM sqlite_temp_master"
+        )
+    } | _SQLITE_CATALOG
+    old_attached = raw.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    old_length = raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE_BYTES)
+    raw.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    # setting an authorizer also expires every cached prepared statement, so a statement
+    # prepared earlier without it cannot run under this one
+    raw.set_authorizer(_sqlite_authorizer(trusted_cte, real))
+    try:
+        yield
+    finally:
+        raw.set_authorizer(None)
+        raw.set_progress_handler(None, 0)
+        raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, old_length)
+        raw.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, old_attached)
+
+
+# ── PostgreSQL: read-only transaction as the reader role, timeout, cancel ───────────────
+class _Canceller:
+    """Cancels the running query at a deadline from another thread, unless stopped first."""
+
+    def __init__(self, delay_s: float, cancel):
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._cancel = cancel
+        self._timer = threading.Timer(max(delay_s, 0.0), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self):
+        with self._lock:
+            if not self._stopped:
+                self._cancel()
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._stopped = True
+        self._timer.cancel()
+
+
+@contextmanager
+def _pg_hardened(tool: SQLTool, conn: sa.Connection, _trusted_cte, deadline: float):
+    ms = max(1, int(tool.timeout_s * 1000))
+    try:
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")  # first statement of the transaction
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        if tool.pg_role:
+            role = conn.dialect.identifier_preparer.quote(tool.pg_role)
+            conn.exec_driver_sql(f"SET LOCAL ROLE {role}")
+        # the server-side timeout is the first line; this client-side cancel is the second
+        raw = conn.connection.driver_connection
+        delay = deadline - time.monotonic() + _CANCEL_GRACE_S
+        with _Canceller(delay, raw.cancel):
+            yield
+    finally:
+        conn.rollback()
+
+
+# ── the PostgreSQL reader role ───────────────────────────────────────────────────────────
+_ROLE_READY: set[tuple] = set()
+_ROLE_LOCK = threading.Lock()
+
+
+def reader_role_sql(role: str, tables: dict[str, list[str]], schemas: dict[str, str]) -> list[str]:
+    """The statements that make `role` a SELECT-only role over exactly these columns.
+
+    `schemas` maps each table to its schema. Run by a role with CREATEROLE (and the
+    tables' owner or a superuser for the GRANTs); the connecting login must be a member
+    (`GRANT role TO login`) to `SET ROLE` to it. Temporary tables need no REVOKE: the
+    tool's transactions are READ ONLY, which refuses CREATE TEMP TABLE."""
+    q = _quote_pg
+    out = [f"CREATE ROLE {q(role)} NOLOGIN NOINHERIT"]
+    for table, cols in tables.items():
+        schema = schemas.get(table, "public")
+        out += [
+            f"GRANT USAGE ON SCHEMA {q(schema)} TO {q(role)}",
+            f"REVOKE ALL ON TABLE {q(schema)}.{q(table)} FROM {q(role)}",
+            f"GRANT SELECT ({', '.join(map(q, cols))}) ON TABLE {q(schema)}.{q(table)} TO {q(role)}",
+        ]
+    return [*out, f"GRANT {q(role)} TO CURRENT_USER"]
+
+
+def _quote_pg(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def ensure_reader_role(
+    engine: sa.Engine,
+    role: str = DEFAULT_READER_ROLE,
+    tables: dict[str, list[str]] | None = None,
+    *,
+    force: bool = False,
+) -> None:
+    """Make `role` a SELECT-only role over exactly `tables`' listed columns, idempotently.
+
+    Checks first and changes nothing when the role is already right (the answer is cached
+    per engine URL, role and tables unless `force`); otherwise creates and grants
+    (CREATE ROLE ... NOLOGIN NOINHERIT, GRANT USAGE on the schemas, REVOKE ALL and GRANT
+    SELECT (columns) on each table, GRANT role TO the login). Raises ReaderRoleError,
+    with the SQL for an administrator, when this login may not."""
+    tables = tables or {}
+    key = (engine.url.render_as_string(hide_password=True), role,
+           tuple(sorted((t, tuple(sorted(c))) for t, c in tables.items())))
+    if key in _ROLE_READY and not force:
+        return
+    with _ROLE_LOCK:
+        problems, fixes, schemas = _role_state(engine, role, tables)
+        detail = None
+        for _attempt in range(3):  # another process may be granting the same thing
+            if not problems or fixes is None:
+                break
             try:
-                row = conn.execute(sa.text(sql), params).mappings().first()
-            finally:
-                conn.rollback()
-        return _json_row(row) if row is not None else None
+                with engine.begin() as conn:
+                    for stmt in fixes:
+                        conn.exec_driver_sql(stmt)
+            except sa.exc.DBAPIError as e:
+                detail = str(getattr(e, "orig", e)).strip().splitlines()[0]
+            problems, fixes, schemas = _role_state(engine, role, tables)
+        if problems:
+            raise ReaderRoleError(_role_help(role, problems, detail, tables, schemas))
+        _ROLE_READY.add(key)
 
 
-def _aliases(tree: exp.Expression) -> set[str]:
-    """Names the query defines itself: column aliases and CTE/derived-table column lists."""
-    names = {a.alias.casefold() for a in tree.find_all(exp.Alias) if a.alias}
-    for ta in tree.find_all(exp.TableAlias):
-        names |= {c.name.casefold() for c in ta.columns}
-    return names
+def _role_help(role, problems, detail, tables, schemas) -> str:
+    why = f" ({detail})" if detail else ""
+    sql = "\n".join(f"  {s};" for s in reader_role_sql(role, tables, schemas))
+    return (
+        f"the PostgreSQL reader role {role!r} is not ready: {'; '.join(problems)}; this "
+        f"login cannot fix it{why}. Ask an administrator to run:\n{sql}"
+    )
 
 
+def _role_state(engine: sa.Engine, role: str, tables: dict[str, list[str]]):
+    """(problems, statements that fix them or None if they can't be fixed, schemas)."""
+    with engine.connect() as conn:
+        try:
+            return _role_state_on(conn, role, tables)
+        finally:
+            conn.rollback()
+
+
+def _role_state_on(conn, role: str, tables: dict[str, list[str]]):
+    def one(sql: str, **params):
+        return conn.execute(sa.text(sql), params).first()
+
+    problems: list[str] = []
+    fixes: list[str] = []
+    q, r = _quote_pg, _quote_pg(role)
+    me = one("SELECT session_user, rolsuper FROM pg_roles WHERE rolname = session_user")
+    if me is not None and me[1]:
+        _warn_superuser_once(me[0])
+    attrs = one("SELECT oid, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = :r", r=role)
+    if attrs is None:
+        problems.append("the role does not exist")
+        fixes.append(f"CREATE ROLE {r} NOLOGIN NOINHERIT")
+    else:
+        if attrs[1] or attrs[2]:
+            problems.append("the role is a superuser or bypasses row security")
+            fixes.append(f"ALTER ROLE {r} NOSUPERUSER NOBYPASSRLS")
+        for (parent,) in conn.execute(sa.text(
+            "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid "
+            "WHERE m.member = :oid"), {"oid": attrs[0]}):
+            problems.append(f"the role is a member of {parent!r}")
+            fixes.append(f"REVOKE {q(parent)} FROM {r}")
+        if me is not None and me[0] != role and not me[1] and not one(
+            "SELECT pg_has_role(session_user, :r, 'MEMBER')", r=role)[0]:
+            problems.append(f"login {me[0]!r} is not a member of the role")
+            fixes.append(f"GRANT {r} TO {q(me[0])}")
+    schemas: dict[str, str] = {}
+    unfixable = False
+    search_path = [
+        me[0] if p == "$user" and me is not None else p
+        for p in (x.strip().strip('"') for x in one("SHOW search_path")[0].split(","))
+    ]
+    for table, cols in tables.items():
+        found = _find_table(conn, table, search_path)
+        if found is None:
+            problems.append(f"table {table!r} is not found on the search_path")
+            unfixable = True
+            continue
+        oid, schema, name = found
+        schemas[table] = schema
+        target = f"{q(schema)}.{q(name)}"
+        existing = [row[0] for row in conn.execute(sa.text(
+            "SELECT attname FROM pg_attribute WHERE attrelid = :oid AND attnum > 0 "
+            "AND NOT attisdropped"), {"oid": oid})]
+        missing = [c for c in cols if c not in existing]
+        if missing:
+            problems.append(f"{table!r} has no column(s) {', '.join(missing)}")
+            unfixable = True
+            continue
+        if attrs is None:
+            fixes += [f"GRANT USAGE ON SCHEMA {q(schema)} TO {r}",
+                      f"GRANT SELECT ({', '.join(q(c) for c in cols)}) ON TABLE {target} TO {r}"]
+            continue
+        wrong = _wrong_privileges(conn, role, oid, schema, existing, cols)
+        if wrong:
+            problems += wrong
+            fixes += [f"GRANT USAGE ON SCHEMA {q(schema)} TO {r}",
+                      f"REVOKE ALL ON TABLE {target} FROM {r}",
+                      f"GRANT SELECT ({', '.join(q(c) for c in cols)}) ON TABLE {target} TO {r}"]
+    if attrs is None and me is not None and not me[1]:
+        fixes.append(f"GRANT {r} TO {q(me[0])}")
+    if any("PUBLIC" in p for p in problems):
+        unfixable = True
+    return problems, (None if unfixable else fixes), schemas
+
+
+def _find_table(conn, table: str, search_path: list[str]):
+    """(oid, schema, name) of `table` along the search_path, read from the catalogs
+    (to_regclass and current_schemas skip schemas this login has no USAGE on)."""
+    rows = conn.execute(sa.text(
+        "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.relname = :t AND n.nspname IN :path "
+        "AND c.relkind IN ('r', 'v', 'm', 'p', 'f')").bindparams(
+            sa.bindparam("path", expanding=True)), {"t": table, "path": search_path}).all()
+    rows.sort(key=lambda r: search_path.index(r[1]))
+    return rows[0] if rows else None
+
+
+def _wrong_privileges(conn, role, oid, schema, existing, allowed) -> list[str]:
+    out = []
+    usage = conn.execute(sa.text("SELECT has_schema_privilege(:r, :s, 'USAGE')"),
+                         {"r": role, "s": schema}).scalar()
+    if not usage:
+        out.append(f"no USAGE on schema {schema!r}")
+    writes = conn.execute(sa.text(
+        "SELECT has_table_privilege(:r, :oid, 'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, "
+        "TRIGGER')"), {"r": role, "oid": oid}).scalar()
+    if writes:
+        out.append("the role may write to the table")
+    for col in existing:
+        may, public = conn.execute(sa.text(
+            "SELECT has_column_privilege(:r, :oid, :c, 'SELECT'), "
+            "has_column_privilege('public', :oid, :c, 'SELECT')"),
+            {"r": role, "oid": oid, "c": col}).first()
+        if public and col not in allowed:
+            out.append(f"PUBLIC may read column {col!r} (REVOKE SELECT ... FROM PUBLIC)")
+        elif may != (col in allowed):
+            out.append(f"column {col!r} is {'readable' if may else 'not readable'}")
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_superuser_once(login: str) -> None:
+    if login not in _WARNED:
+        _WARNED.add(login)
+        log.warning(
+            "the SQL tool connects as superuser %r: the reader role then holds only behind "
+            "the SQL guard (a login may always SET ROLE back to itself); give agents a "
+            "login that can only become the reader role", login,
+        )
+
+
+# ── JSON-safe rows ───────────────────────────────────────────────────────────────────────
 def _json_value(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
