@@ -11,8 +11,9 @@ layers stand between it and the warehouse; either alone should hold:
    `RESET ROLE`), SELECT INTO, FOR UPDATE, SET, PRAGMA, ATTACH, transactions, anywhere in
    the tree; only allow-listed functions (`ALLOWED_FUNCTIONS`); no table-valued functions;
    only allow-listed tables (plus the query's own CTEs), never schema-qualified; only
-   allow-listed columns (plus aliases the query defines); no bind parameters; no cross
-   joins. Identifiers are normalised with sqlglot's optimizer for the dialect (PostgreSQL
+   allow-listed columns (plus aliases the query defines), as `column` or `t.column` where
+   `t` is an allowed table, a CTE or an alias of the query (never `schema.t.column`); no
+   bind parameters; no cross joins (every JOIN needs ON on columns, or USING). Identifiers are normalised with sqlglot's optimizer for the dialect (PostgreSQL
    folds unquoted names to lower case and keeps quoted ones; SQLite ignores case), so
    `"TOPIC"` and `topic` resolve as the database would resolve them. The SQL that runs is
    *generated from the checked tree* (comments dropped, a LIMIT enforced), never the

@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agents.redact import redact
+from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
 from flows.generation import generate, held_out_prompts, rebalance
@@ -67,7 +68,10 @@ def _engine(url: str):
 # ── 1. plan ─────────────────────────────────────────────────────────────────────────────────
 @task(name="plan-slices", cache_policy=NO_CACHE)
 def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
-    slices = plan_slices(spec, _engine(spec.warehouse.url))
+    engine = _engine(spec.warehouse.url)
+    if engine.dialect.name == "postgresql":  # agents read as a SELECT-only role: make sure of it
+        ensure_reader_role(engine, "posttrain_reader", spec.warehouse.tables)
+    slices = plan_slices(spec, engine)
     _store(store_url).add_slices(run_id, slices)
     get_run_logger().info(
         "%d slices, %d rows: %s", len(slices), sum(s.row_count for s in slices),
