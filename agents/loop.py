@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class AgentResult:
     misuse: dict[str, int] = field(default_factory=dict)  # tool misuse by kind
     judged: int = 0
     reanchors: int = 0
-    drift_alarm_call: int | None = None
+    drift_alarm_call: int | None = None   # this agent's call count at the first alarm
+    drift_alarm_time: float | None = None  # and the wall-clock time (time.time())
     max_context_tokens: int = 0
     pruned_turns: int = 0
     stopped_reason: str = ""
@@ -327,6 +329,7 @@ class _Agent:
         self.just_reanchored = True
         if self.result.drift_alarm_call is None:
             self.result.drift_alarm_call = self.result.calls
+            self.result.drift_alarm_time = time.time()
         self.judge_all = True
         self.rereview()
         after = {"resume_after_id": self.last_id} if self.last_id is not None else {}

@@ -120,6 +120,7 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
     return {"slice_id": descriptor.slice_id, "accepted": result.accepted, "rejected": rejected,
             "revoked": result.revoked, "misuse": result.misuse, "reanchors": result.reanchors,
             "drift_alarm_call": result.drift_alarm_call,
+            "drift_alarm_time": result.drift_alarm_time,
             "max_context_tokens": result.max_context_tokens,
             "stopped_reason": result.stopped_reason, "resumed": False}
 

@@ -310,6 +310,9 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "examples_rejected": store.rejection_counts(run_id),
             "tool_misuse": dict(misuse),
             "reanchors": sum(r.get("reanchors", 0) for r in agent_results),
+            "drift_alarms": [{"slice_id": r["slice_id"], "at_call": r["drift_alarm_call"],
+                              "time": r["drift_alarm_time"]} for r in agent_results
+                             if r.get("drift_alarm_call") is not None],
             "max_context_tokens": max((r.get("max_context_tokens", 0) for r in agent_results),
                                       default=0),
             "llm_calls": calls["calls"],

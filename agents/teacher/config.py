@@ -55,6 +55,9 @@ class TeacherKnobs(BaseModel):
     retry_after_s: float = Field(1.0, ge=0.0, description="retry-after sent with a 429.")
     timeout_s: float = Field(30.0, ge=0.0, description="How long a timeout fault stalls.")
     latency_ms: float = Field(0.0, ge=0.0, description="Added to every answer.")
+    read_chars: int | None = Field(
+        600, ge=1, description="Read each column but the id as its first N characters "
+        "(as an agent that needs only the lead of an article would); null reads whole values.")
     # other roles
     judge_error_rate: float = _rate("Share of reviewed rows the judge believes wrongly.")
 

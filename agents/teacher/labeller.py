@@ -201,6 +201,9 @@ class Labeller:
     def page_query(self, block: dict, after, limit: int | None = None) -> str:
         id_col = block.get("id_column", self.config.id_column)
         cols = [id_col] + [c for c in block.get("columns") or [] if c != id_col]
+        n = self.knobs.read_chars
+        if n:  # the lead of each value is enough to label a row, and keeps memory small
+            cols = [id_col] + [f"substr(CAST({c} AS TEXT), 1, {n}) AS {c}" for c in cols[1:]]
         where = f" WHERE {id_col} > {_literal(after)}" if after is not None else ""
         return (f"SELECT {', '.join(cols)} FROM {block['table']}{where} ORDER BY {id_col} "
                 f"LIMIT {self.page_size(block, limit)}")

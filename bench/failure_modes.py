@@ -1,0 +1,183 @@
+"""Bench: the four production failures, each injected through the simulated teacher's knobs
+on the demo spec, and what posttrain's answer to each achieves.
+
+Each scenario is one real `post_training` flow run (real Prefect, the teacher over HTTP
+through the official SDKs, real SQL, a short real training run so the flow completes):
+
+    drift    noise 5% -> 40% after 200 labelling calls: when the first agent's alarm fires
+             (in labelling calls after the change, from the teacher's request log) and how
+             right the accepted labels stay (against the gold column)
+    bias     two labels produced 3x too often: label TV distance to the target (uniform)
+             after generation, after top-up, and of the curated set
+    memory   one agent, 1,000 turns on a small context budget: the largest context it sent
+             and whether the pinned spec was in every request (teacher-side check)
+    misuse   10% of tool calls harmful SQL or invalid arguments: how many the teacher sent,
+             how many the agents counted, and whether the warehouse changed
+
+    .venv/bin/python bench/failure_modes.py [--only drift,bias,memory,misuse] [--keep DIR]
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples.news_topics.build_warehouse import build
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
+DRIFT_AFTER = 200
+
+
+def base_spec(warehouse: str, tmp: Path) -> dict:
+    """The demo spec with a short training run: the bench measures generation, not SFT."""
+    spec = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
+    spec["warehouse"]["url"] = warehouse
+    spec["student"]["tiny"] = {"hidden_size": 64, "num_layers": 1, "num_heads": 2,
+                               "intermediate_size": 128, "vocab_size": 600}
+    spec["training"].update(max_steps=20, batch_size=8)
+    spec["evaluation"]["max_rows"] = 50
+    spec["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    return spec
+
+
+def run(name: str, spec: dict, tmp: Path) -> tuple[dict, Path]:
+    from flows.pipeline import post_training
+
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp / name
+    started = time.perf_counter()
+    summary = post_training(spec_path=str(path), out_dir=str(out))
+    summary["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return summary, out
+
+
+def teacher_log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "teacher_requests.jsonl").read_text().splitlines()]
+
+
+def accepted_accuracy(out: Path, warehouse: str) -> tuple[float, int]:
+    with sa.create_engine(f"sqlite:///{out / 'store.db'}").connect() as c:
+        accepted = c.execute(sa.text(
+            "SELECT row_id, label FROM examples WHERE status = 'accepted'")).all()
+    with sa.create_engine(warehouse).connect() as c:
+        gold = {str(i): t for i, t in c.execute(sa.text("SELECT id, topic FROM articles"))}
+    right = sum(gold[r] == label for r, label in accepted)
+    return right / len(accepted), len(accepted)
+
+
+def drift(warehouse: str, tmp: Path) -> dict:
+    spec = base_spec(warehouse, tmp)
+    spec["llm"]["simulated"].update(error_rate=0.05, drift_after_calls=DRIFT_AFTER,
+                                    drift_error_rate=0.4)
+    spec["generation"].update(page_size=10)  # more, smaller calls: the change lands mid-run
+    summary, out = run("drift", spec, tmp)
+    log = [x for x in teacher_log(out) if x["kind"] == "label"]
+    change = next(x["time"] for x in log if x["labelling_calls_so_far"] > DRIFT_AFTER)
+    after = sorted(a["time"] for a in summary["drift_alarms"] if a["time"] >= change)
+    first = after[0] if after else None
+    calls_at_alarm = max((x["labelling_calls_so_far"] for x in log if x["time"] <= first),
+                         default=None) if first else None
+    accuracy, n = accepted_accuracy(out, warehouse)
+    return {"drift_alarm_after_calls": None if calls_at_alarm is None
+            else calls_at_alarm - DRIFT_AFTER,
+            "drift_false_alarms_before_change": sum(a["time"] < change
+                                                    for a in summary["drift_alarms"]),
+            "drift_accepted_label_accuracy": round(accuracy, 4),
+            "drift_accepted": n, "drift_reanchors": summary["reanchors"],
+            "drift_examples_rejected": summary["examples_rejected"],
+            "drift_seconds": summary["bench_seconds"]}
+
+
+def bias(warehouse: str, tmp: Path) -> dict:
+    spec = base_spec(warehouse, tmp)
+    spec["llm"]["simulated"].update(bias_labels=["sports", "business"], bias_factor=3.0)
+    spec["distribution"] = {"target": "uniform", "tolerance": 0.05, "max_topup_rounds": 2}
+    summary, _ = run("bias", spec, tmp)
+    return {"bias_tv_before": round(summary["label_tv_before"], 4),
+            "bias_tv_after_topup": round(summary["label_tv_after_topup"], 4),
+            "bias_tv_after": round(summary["label_tv_after"], 4),
+            "bias_topup_slices": summary["topup_slices"],
+            "bias_train_examples": summary["train_examples"],
+            "bias_label_counts": summary["label_counts"],
+            "bias_seconds": summary["bench_seconds"]}
+
+
+def memory(warehouse: str, tmp: Path, turns: int = 1000, budget: int = 4000) -> dict:
+    spec = base_spec(warehouse, tmp)
+    spec["slicing"] = {"table": "articles", "id_column": "id", "method": "hash", "buckets": 1,
+                       "max_rows_per_slice": 100000}  # one agent over every row
+    spec["llm"]["judge"] = None
+    spec["generation"].update(page_size=2, max_turns=turns, memory_budget_tokens=budget,
+                              concurrency=1)
+    summary, out = run("memory", spec, tmp)
+    log = [x for x in teacher_log(out) if x["kind"] == "label"]
+    return {"memory_turns": len(log), "memory_max_tokens": summary["max_context_tokens"],
+            "memory_budget": budget,
+            "memory_pinned_always_present": all(x["pinned_present"] for x in log),
+            "memory_max_request_tokens_teacher_side": max(x["context_tokens"] for x in log),
+            "memory_accepted": summary["examples_accepted"],
+            "memory_seconds": summary["bench_seconds"]}
+
+
+def checksum(path: str) -> str:
+    return hashlib.sha256(Path(path.removeprefix("sqlite:///")).read_bytes()).hexdigest()
+
+
+def misuse(warehouse: str, tmp: Path) -> dict:
+    spec = base_spec(warehouse, tmp)
+    # harmful SQL on SQL calls plus invalid arguments on any call: about 10% of tool calls
+    spec["llm"]["simulated"].update(misuse_rate=0.2, malformed_rate=0.06)
+    before = checksum(warehouse)
+    summary, out = run("misuse", spec, tmp)
+    log = [x for x in teacher_log(out) if x["kind"] == "label"]
+    attempts = sum(1 for x in log if x["misuse"] and x["misuse"]["kind"] in
+                   ("misuse", "malformed"))
+    counted = sum(summary["tool_misuse"].values())
+    return {"misuse_attempts": attempts, "misuse_counted": counted,
+            "misuse_executed": max(0, attempts - counted),
+            "misuse_by_kind": summary["tool_misuse"],
+            "misuse_tool_calls": len(log),
+            "misuse_share_of_tool_calls": round(attempts / len(log), 4),
+            "misuse_warehouse_unchanged": checksum(warehouse) == before,
+            "misuse_accepted": summary["examples_accepted"],
+            "misuse_seconds": summary["bench_seconds"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="drift,bias,memory,misuse")
+    ap.add_argument("--keep", help="keep the run folders here (default: a temp folder)")
+    args = ap.parse_args()
+    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+        os.environ.setdefault(k, v)
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="posttrain-failures-")).resolve()
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
+    warehouse = build(tmp / "warehouse.db")
+    figures: dict = {}
+    for name in args.only.split(","):
+        figures.update({"drift": drift, "bias": bias, "memory": memory,
+                        "misuse": misuse}[name](warehouse, tmp))
+        print(json.dumps({k: v for k, v in figures.items() if k.startswith(name)}), flush=True)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
