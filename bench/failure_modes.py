@@ -141,7 +141,7 @@ def checksum(path: str) -> str:
 def misuse(warehouse: str, tmp: Path) -> dict:
     spec = base_spec(warehouse, tmp)
     # harmful SQL on SQL calls plus invalid arguments on any call: about 10% of tool calls
-    spec["llm"]["simulated"].update(misuse_rate=0.2, malformed_rate=0.06)
+    spec["llm"]["simulated"].update(misuse_rate=0.2, malformed_rate=0.09)
     before = checksum(warehouse)
     summary, out = run("misuse", spec, tmp)
     log = [x for x in teacher_log(out) if x["kind"] == "label"]

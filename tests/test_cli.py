@@ -67,3 +67,24 @@ def test_teacher_command_says_what_is_missing():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("teacher: missing --warehouse, --table, --id-column, "
                                    "--gold-column, --labels (or pass --spec SPEC)")
+
+
+def test_missing_api_key_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    import yaml
+
+    demo = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
+    data = yaml.safe_load(demo.read_text())
+    data["warehouse"]["url"] = f"sqlite:///{demo.parent / 'warehouse.db'}"
+    data["llm"]["generator"] = {"api": "openai", "model": "MiniMax-M2.5",
+                                "endpoint": "https://api.minimax.io/v1",
+                                "api_key_env": "POSTTRAIN_TEST_NO_SUCH_KEY"}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    monkeypatch.delenv("POSTTRAIN_TEST_NO_SUCH_KEY", raising=False)
+    proc = subprocess.run([EXE, "run", str(spec), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "llm.generator: $POSTTRAIN_TEST_NO_SUCH_KEY is not set; export it or name a Prefect "
+        "Secret block in llm.generator.secret_block")
+    assert not (tmp_path / "out").exists()  # nothing started

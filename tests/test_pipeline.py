@@ -127,6 +127,13 @@ def test_mlflow_parent_child_dataset_and_registry(two_runs):
     champion = client.get_model_version_by_alias(first["model_name"], "champion")
     assert str(champion.version) == "1"
 
+    # one transcript per agent in MLflow (redaction is tested in test_gateway.py)
+    transcripts = client.list_artifacts(first["mlflow_run_id"], "transcripts")
+    assert len(transcripts) == first["slices"] + first["topup_slices"]
+    text = Path(client.download_artifacts(first["mlflow_run_id"], transcripts[0].path,
+                                          str(tmp / "dl"))).read_text()
+    assert "<slice>" in text and '"role": "assistant"' in text
+
 
 def test_prefect_recorded_one_task_run_per_slice(two_runs):
     from prefect.client.orchestration import get_client
