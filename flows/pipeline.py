@@ -42,16 +42,8 @@ from flows.warehouse import (
     render_prompt,
 )
 from training.evaluate import evaluate_classifier
-from training.launch import launch_sft
+from training.launch import OFFLINE_ENV, launch_sft
 from training.registry import promote_if_better, register_model
-
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @functools.cache

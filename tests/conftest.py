@@ -33,6 +33,14 @@ def small_warehouse_url(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def engine(small_warehouse_url):
+    """A SQLAlchemy engine on the small warehouse."""
+    engine = sa.create_engine(small_warehouse_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
 def pg_server_url() -> str:
     """URL of a PostgreSQL server for tests that need one, from $POSTTRAIN_TEST_POSTGRES_URL."""
     url = os.environ.get(PG_ENV)

@@ -29,13 +29,6 @@ REGION, PAGE = "europe", 10
 
 
 @pytest.fixture(scope="module")
-def engine(small_warehouse_url):
-    engine = sa.create_engine(small_warehouse_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
 def gold(engine) -> dict[int, str]:
     """id -> topic for the slice under test (what the teacher answers from)."""
     with engine.connect() as conn:

@@ -37,13 +37,6 @@ LEFTOVERS = "posttrain_hostile*"  # files the corpus tries to create under /tmp
 
 # ── the basic tool, on the shared SQLite warehouse ──────────────────────────────────────
 @pytest.fixture(scope="module")
-def engine(small_warehouse_url):
-    engine = sa.create_engine(small_warehouse_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
 def europe_ids(engine) -> list[int]:
     with engine.connect() as conn:
         q = sa.text("SELECT id FROM articles WHERE region = 'europe' ORDER BY id")

@@ -40,13 +40,6 @@ SAFE_SQL = re.compile(r"^SELECT id(, (\w+|substr\(CAST\(\w+ AS TEXT\), 1, \d+\) 
 
 
 @pytest.fixture(scope="module")
-def engine(small_warehouse_url):
-    engine = sa.create_engine(small_warehouse_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
 def gold(engine) -> dict[int, str]:
     with engine.connect() as conn:
         return dict(conn.execute(sa.text("SELECT id, topic FROM articles ORDER BY id")).all())
