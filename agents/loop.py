@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from agents.drift import DriftPolicy
-from agents.gates import Gate, GateResult
+from agents.gates import INVALID_SCHEMA, LABEL_NOT_IN_SET, Gate, GateResult
 from agents.gateway import BudgetExceeded, LLMGateway
 from agents.judge import Judge, should_sample
 from agents.memory import AgentMemory
@@ -43,6 +43,9 @@ from agents.sql_tool import SQLRejected, SQLTool
 
 MAX_SUBMIT = 100
 JUDGE_DISAGREED = "judge_disagreed"
+# What counts as the agent straying from the spec. A duplicate, a row outside the slice or a
+# copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm.
+DRIFT_SIGNALS = {LABEL_NOT_IN_SET, INVALID_SCHEMA, JUDGE_DISAGREED}
 
 
 @dataclass
@@ -294,7 +297,8 @@ class _Agent:
 
     def reject(self, row_id, label, reason: str, message: str) -> dict:
         self.result.rejected[reason] = self.result.rejected.get(reason, 0) + 1
-        self.observe(False)
+        if reason in DRIFT_SIGNALS:
+            self.observe(False)
         self.on_example({"agent": self.agent, "row_id": row_id, "label": label, "row": None,
                          "status": "rejected", "reason": reason, "message": message})
         return {"row_id": row_id, "reason": reason, "message": message}
