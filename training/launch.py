@@ -7,14 +7,19 @@ writes `run_dir/sft_config.json`, runs
     accelerate launch --config_file training/accelerate/<profile>.yaml \\
         -m training.sft --config run_dir/sft_config.json
 
-offline, streams every output line to `run_dir/train.log` and to `on_line`, and returns the
-parsed `train_result.json` (see `training.sft`). A failed run raises `TrainingFailed` carrying
-the last 40 log lines. `parse_progress(line)` turns the script's progress lines into dicts.
+with `--num_processes` taken from the machine (`num_processes_for`: the visible GPUs for a GPU
+profile, the config's `processes` (default 2) for `cpu_ddp`, 1 for `cpu`), offline, streams
+every output line to `run_dir/train.log` and to `on_line`, and returns the parsed
+`train_result.json` (see `training.sft`). A failed run raises `TrainingFailed` carrying the
+last 40 log lines; a profile this machine cannot run (no GPU, no deepspeed) raises
+`ProfileUnavailable` (a `TrainingFailed`) before anything starts. `parse_progress(line)` turns
+the script's progress lines into dicts. Profiles and commands: docs/training.md.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,6 +70,66 @@ def failure_reason(tail: list[str]) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "no output")
 
 
+class ProfileUnavailable(TrainingFailed):
+    """The accelerate profile cannot run on this machine; raised before launching anything."""
+
+    def __init__(self, message: str):
+        self.returncode, self.tail, self.log_path = None, [message], None
+        self.reason = message
+        RuntimeError.__init__(self, message)
+
+
+# profiles that need a Python package beyond the base stack
+PROFILE_PACKAGES = {"deepspeed_zero3": "deepspeed"}
+
+
+def profile_settings(profile: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(profile_path(profile).read_text()) or {}
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES is honoured by torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def num_processes_for(profile: str, config: dict, gpus: int | None = None) -> int:
+    """How many processes `accelerate launch` starts for `profile` on this machine.
+
+    CPU profiles (`use_cpu: true`): 1 unless distributed (`cpu_ddp`: config `processes`,
+    default 2). GPU profiles: one per visible GPU (`single_gpu`: 1). Raises
+    `ProfileUnavailable` when the machine cannot run the profile."""
+    settings = profile_settings(profile)
+    distributed = settings.get("distributed_type", "NO") != "NO"
+    package = PROFILE_PACKAGES.get(profile)
+    if package and importlib.util.find_spec(package) is None:
+        raise ProfileUnavailable(f"profile {profile} needs `pip install {package}`")
+    if settings.get("use_cpu"):
+        if not distributed:
+            return 1
+        n = int(config.get("processes") or 2)
+        if n < 2:
+            raise ProfileUnavailable(f"profile {profile} needs processes >= 2, got {n}: use cpu")
+        return n
+    gpus = visible_gpus() if gpus is None else gpus
+    if gpus == 0:
+        raise ProfileUnavailable(
+            f"profile {profile} needs CUDA GPUs; none visible: use cpu or cpu_ddp"
+        )
+    if not distributed:
+        return 1
+    if settings.get("distributed_type") == "MULTI_GPU" and gpus < 2:
+        raise ProfileUnavailable(
+            f"profile {profile} needs 2+ CUDA GPUs; {gpus} visible: use single_gpu"
+        )
+    return gpus
+
+
 def profile_path(profile: str) -> Path:
     path = PROFILES_DIR / f"{profile}.yaml"
     if not path.is_file():
@@ -73,10 +138,11 @@ def profile_path(profile: str) -> Path:
     return path
 
 
-def build_command(config_path: Path, profile: str = "cpu") -> list[str]:
+def build_command(config_path: Path, profile: str = "cpu", num_processes: int = 1) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(profile_path(profile)),
+        "--num_processes", str(num_processes),
         "-m", "training.sft", "--config", str(config_path),
     ]  # fmt: skip
 
@@ -100,7 +166,9 @@ def launch_sft(
 ) -> dict:
     """Train through `accelerate launch` and return train_result.json as a dict.
 
-    `config` is the JSON config of `training.sft`; `output_dir` defaults to `run_dir`."""
+    `config` is the JSON config of `training.sft`; `output_dir` defaults to `run_dir`.
+    `config["processes"]` sets the process count of `cpu_ddp`; `batch_size` is per process."""
+    num_processes = num_processes_for(profile, config)  # fails fast, before any file is written
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "output_dir": str(Path(config.get("output_dir") or run_dir).resolve())}
@@ -113,7 +181,7 @@ def launch_sft(
 
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            build_command(config_path, profile),
+            build_command(config_path, profile, num_processes),
             cwd=REPO_ROOT,
             env=_env(config),
             stdin=subprocess.DEVNULL,

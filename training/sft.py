@@ -12,6 +12,10 @@ The JSON config (written by `training.launch.launch_sft`) holds:
                      max_position_embeddings, vocab_size}
     seed, max_steps, learning_rate, batch_size, lr_scheduler, warmup_ratio, max_length,
     threads, logging_steps (optional)
+    batch_size      PER DEVICE (per process): one optimizer step sees
+                    batch_size x gradient_accumulation_steps x processes examples
+    gradient_accumulation_steps   optional, default 1
+    processes       optional, read by training.launch for the cpu_ddp profile (default 2)
     mlflow          optional {tracking_uri, experiment, parent_run_id, run_name}: the run is
                     logged as a child of parent_run_id (rank 0 only)
 
@@ -123,22 +127,26 @@ def main(config_path: str) -> dict:
         max_position_embeddings=int(tiny.get("max_position_embeddings", 512)),
         seed=int(cfg.get("seed", 0)),
     )
+    num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
-    # ── training config: CPU-safe overrides of TRL's GPU-minded defaults ──────────────────────
+    # ── training config: overrides of TRL's GPU-minded defaults ───────────────────────────────
     max_steps = int(cfg["max_steps"])
     mlflow_cfg = cfg.get("mlflow") or None
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         max_steps=max_steps,
         learning_rate=float(cfg["learning_rate"]),
-        per_device_train_batch_size=int(cfg["batch_size"]),
+        per_device_train_batch_size=int(cfg["batch_size"]),  # per process, see docstring
+        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
         lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
         warmup_steps=round(float(cfg.get("warmup_ratio", 0.0)) * max_steps),
         max_length=int(cfg.get("max_length", 256)),
         seed=int(cfg.get("seed", 0)),
         data_seed=int(cfg.get("seed", 0)),
+        # precision comes from the accelerate profile (ACCELERATE_MIXED_PRECISION), not TRL's
+        # bf16=True default; the device from the profile too (GPU profiles must not force CPU)
         bf16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         **no_activation_checkpointing(),
         logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
         save_strategy="no",
@@ -168,6 +176,8 @@ def main(config_path: str) -> dict:
     if n_dropped and rank0:
         print(f"warning: {n_dropped} of {len(train)} examples dropped: prompt fills max_length")
 
+    # Only rank 0 writes files and talks to MLflow: one base/, one final/, one child run per job
+    # (the Trainer's MLflowCallback also logs from the world-process-zero only).
     # the untrained model, so the pipeline can report how far training moved it
     if rank0:
         trainer.model.save_pretrained(out / "base")
@@ -209,8 +219,12 @@ def main(config_path: str) -> dict:
         "num_tokens": tokens,
         "tokens_per_second": tokens / output.metrics["train_runtime"] if tokens else None,
         "n_train": len(train) - n_dropped,
+        "num_processes": trainer.accelerator.num_processes,
+        "global_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * trainer.accelerator.num_processes,
         "n_dropped": n_dropped,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": num_parameters,
         "vocab_size": len(tokenizer),
         "base_dir": str(out / "base"),
         "final_dir": str(out / "final"),
