@@ -21,11 +21,13 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agents.redact import redact
+from agents.skills import load_skill
 from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
@@ -41,9 +43,16 @@ from flows.warehouse import (
     plan_slices,
     render_prompt,
 )
-from training.evaluate import evaluate_classifier
+from training.evaluate import confusion_matrix_png, evaluate_classifier, per_label_report
 from training.launch import OFFLINE_ENV, launch_sft
-from training.registry import promote_if_better, register_model
+from training.registry import (
+    champion_model_dir,
+    champion_version,
+    decide_promotion,
+    git_commit,
+    register_model,
+)
+from training.registry import promote as promote_model
 
 
 @functools.cache
@@ -145,33 +154,69 @@ def train(spec: Spec, dataset: dict, out_dir: Path, mlflow_uri: str, mlflow_run_
 
 # ── 5. evaluate ─────────────────────────────────────────────────────────────────────────────
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(spec: Spec, out_dir: Path) -> dict:
+def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str) -> dict:
+    """Base, trained and current champion models on the same held-out rows; the trained
+    model's per-label report and confusion matrix go to out/eval/ and the parent run."""
     rows = fetch_eval_rows(spec, _engine(spec.warehouse.url))
     prompts = [render_prompt(spec, r) for r in rows]
     gold = [str(r[spec.task.gold_column]) for r in rows]
-    kw = {"labels": spec.task.labels, "max_new_tokens": spec.evaluation.max_new_tokens}
+    labels = spec.task.labels
+    kw = {"labels": labels, "max_new_tokens": spec.evaluation.max_new_tokens}
     base = evaluate_classifier(str(out_dir / "model" / "base"), prompts, gold, **kw)
     final = evaluate_classifier(str(out_dir / "model" / "final"), prompts, gold, **kw)
+    # the champion is judged on these very rows, not by the figure it got on its own
+    champion_v = champion_version(spec.tracking.registered_model)
+    champion_dir = champion_model_dir(spec.tracking.registered_model, out_dir / "champion")
+    champion = (evaluate_classifier(str(champion_dir), prompts, gold, **kw)
+                if champion_dir else None)
     # context for the base model's figure: always answering the commonest gold label
     majority = max(Counter(gold).values()) / len(gold) if gold else 0.0
-    (out_dir / "eval.json").write_text(json.dumps({"base": base, "final": final,
-                                                   "majority_baseline": majority}, indent=2))
-    get_run_logger().info("held-out accuracy: base %.3f -> trained %.3f (macro-F1 %.3f) on %d rows",
-                          base["accuracy"], final["accuracy"], final["macro_f1"], len(rows))
-    return {"n": len(rows), "base": base, "final": final, "majority_baseline": majority}
+    (out_dir / "eval.json").write_text(json.dumps(
+        {"base": base, "final": final, "champion": champion,
+         "champion_version": champion_v, "majority_baseline": majority}, indent=2))
+    eval_dir = out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    report = f"# Trained model on {len(rows)} held-out rows\n\n{per_label_report(final)}"
+    if champion:
+        report += (f"\n# Champion v{champion_v} on the same rows\n\n"
+                   f"{per_label_report(champion)}")
+    (eval_dir / "per_label.md").write_text(report)
+    confusion_matrix_png(final, labels, eval_dir / "confusion_matrix.png")
+    client = MlflowClient()
+    for name in ("per_label.md", "confusion_matrix.png"):
+        client.log_artifact(mlflow_run_id, str(eval_dir / name), "eval")
+    get_run_logger().info(
+        "held-out accuracy: base %.3f -> trained %.3f (macro-F1 %.3f) on %d rows; %s",
+        base["accuracy"], final["accuracy"], final["macro_f1"], len(rows),
+        f"champion v{champion_v} {champion['accuracy']:.3f}" if champion
+        else "no champion")
+    return {"n": len(rows), "base": base, "final": final, "champion": champion,
+            "majority_baseline": majority}
 
 
 # ── 6. promote ──────────────────────────────────────────────────────────────────────────────
 @task(name="register-and-promote", cache_policy=NO_CACHE)
-def promote(spec: Spec, out_dir: Path, mlflow_run_id: str, metrics: dict, tags: dict) -> dict:
+def promote(spec: Spec, out_dir: Path, mlflow_run_id: str, metrics: dict, tags: dict,
+            ev: dict) -> dict:
+    """Register the trained model, then move `champion` to it only if the spec's rule says
+    it beats the champion on this run's held-out rows."""
     rule = spec.evaluation.promotion
     version = register_model(str(out_dir / "model" / "final"), mlflow_run_id,
                              spec.tracking.registered_model, metrics=metrics, tags=tags)
-    decision = promote_if_better(spec.tracking.registered_model, version, rule.metric,
-                                 metrics[rule.metric], rule.min_improvement)
-    get_run_logger().info("registered %s v%s; champion %s", spec.tracking.registered_model,
-                          version, "moved to it" if decision["promoted"] else "unchanged")
-    return {"model_version": version, **decision}
+    decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
+                                min_improvement=rule.min_improvement,
+                                max_label_drop=rule.max_label_drop)
+    result = promote_model(spec.tracking.registered_model, version, decision)
+    get_run_logger().info("registered %s v%s; champion %s: %s", spec.tracking.registered_model,
+                          version, "moved to it" if result["promoted"] else "unchanged",
+                          result["reason"])
+    return {"model_version": version, **result}
+
+
+def _skills(spec: Spec) -> str:
+    """The skills this run's agents followed, as name@version (lineage of the data)."""
+    names = [spec.task.skill] + (["review-examples"] if spec.llm.judge is not None else [])
+    return ",".join(f"{n}@{load_skill(n).version}" for n in names)
 
 
 # ── the flow ────────────────────────────────────────────────────────────────────────────────
@@ -189,7 +234,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
     store = _store(store_url)
     mlflow_uri = tracking.tracking_uri(spec.tracking.uri, out)
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    mlflow.set_tracking_uri(mlflow_uri)  # also sets $MLFLOW_TRACKING_URI for subprocesses
     client = MlflowClient(mlflow_uri)
     experiment_id = tracking.ensure_experiment(client, spec.tracking.experiment, out)
     progress = Progress.create()
@@ -269,7 +314,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         stage_seconds["train"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ev = evaluate(spec, out)
+        ev = evaluate(spec, out, mlflow_run_id)
         stage_seconds["evaluate"] = time.perf_counter() - t
         metrics = {"accuracy": ev["final"]["accuracy"], "macro_f1": ev["final"]["macro_f1"],
                    "base_accuracy": ev["base"]["accuracy"]}
@@ -281,7 +326,9 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
             "posttrain.dataset_sha256": dataset["sha256"],
             "posttrain.cost_usd": f"{calls['cost_usd']:.4f}",
-        })
+            "posttrain.skills": _skills(spec), "posttrain.git_commit": git_commit(),
+            "posttrain.parent_run_id": mlflow_run_id,
+        }, ev=ev)
         stage_seconds["promote"] = time.perf_counter() - t
 
         misuse: Counter = Counter()
@@ -332,6 +379,8 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "model_version": decision["model_version"],
             "promoted": decision["promoted"],
             "previous_champion_version": decision.get("previous_champion_version"),
+            "champion_accuracy": ev["champion"]["accuracy"] if ev["champion"] else None,
+            "promotion_reason": decision["reason"],
             "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
             "wall_seconds": round(time.perf_counter() - started, 2),
         }

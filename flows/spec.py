@@ -296,7 +296,13 @@ class Training(_Strict):
 class Promotion(_Strict):
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     min_improvement: float = Field(
-        0.0, ge=0.0, description="Promote only if metric > champion's + this."
+        0.0, ge=0.0, description="Promote only if metric > champion's + this (both measured "
+        "on this run's held-out rows)."
+    )
+    max_label_drop: float | None = Field(
+        None, ge=0, le=1,
+        description="Also refuse promotion when any label's F1 is more than this below the "
+        "champion's on the same rows; null: no per-label check.",
     )
 
 

@@ -127,6 +127,32 @@ def test_mlflow_parent_child_dataset_and_registry(two_runs):
     champion = client.get_model_version_by_alias(first["model_name"], "champion")
     assert str(champion.version) == "1"
 
+    # the second run judged the champion on its own held-out rows: the same rows and the
+    # same model as the first run, so the same accuracy
+    assert first["champion_accuracy"] is None and first["promotion_reason"] == "no champion yet"
+    assert second["champion_accuracy"] == pytest.approx(first["accuracy"])
+    assert second["promotion_reason"].startswith("accuracy ")
+    assert client.get_model_version(first["model_name"], "2").tags["promotion"] == (
+        second["promotion_reason"])
+    # lineage of the registered model
+    tags = champion.tags
+    assert tags["posttrain.spec_hash"] == parent.data.tags["posttrain.spec_hash"]
+    assert tags["posttrain.parent_run_id"] == first["mlflow_run_id"]
+    assert len(tags["posttrain.dataset_sha256"]) == 64
+    skills = dict(s.split("@") for s in tags["posttrain.skills"].split(","))
+    assert set(skills) == {"label-examples", "review-examples"}
+    assert all(len(v) == 12 for v in skills.values())
+    assert tags["posttrain.git_commit"] == "unknown" or len(tags["posttrain.git_commit"]) == 40
+    assert float(tags["posttrain.cost_usd"]) == pytest.approx(first["cost_usd"], abs=1e-4)
+
+    # the trained model's per-label report and confusion matrix, on disk and in MLflow
+    for run, out in ((first, "run1"), (second, "run2")):
+        assert {a.path for a in client.list_artifacts(run["mlflow_run_id"], "eval")} == {
+            "eval/confusion_matrix.png", "eval/per_label.md"}
+        assert (tmp / out / "eval" / "confusion_matrix.png").stat().st_size > 5000
+    report = (tmp / "run2" / "eval" / "per_label.md").read_text()
+    assert "| business |" in report and "# Champion v1 on the same rows" in report
+
     # one transcript per agent in MLflow (redaction is tested in test_gateway.py)
     transcripts = client.list_artifacts(first["mlflow_run_id"], "transcripts")
     assert len(transcripts) == first["slices"] + first["topup_slices"]

@@ -7,6 +7,7 @@ One short training run (60 real BBC articles, 60 steps, hidden 32) is shared by 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -14,9 +15,23 @@ import pytest
 from mlflow import MlflowClient
 
 from examples.news_topics.build_warehouse import read_articles
-from training.evaluate import INVALID, classification_metrics, evaluate_classifier, match_label
+from training.evaluate import (
+    INVALID,
+    classification_metrics,
+    confusion_matrix_png,
+    evaluate_classifier,
+    match_label,
+    per_label_report,
+)
 from training.launch import TrainingFailed, failure_reason, launch_sft, parse_progress
-from training.registry import champion, promote_if_better, register_model
+from training.registry import (
+    champion_model_dir,
+    champion_version,
+    decide_promotion,
+    git_commit,
+    promote,
+    register_model,
+)
 from training.tiny_model import build_tiny_model, train_tokenizer
 
 PROMPT = "Title: {title}\nLead: {body:.300}\nTopic:"
@@ -57,6 +72,65 @@ def test_match_label_and_metrics():
     assert m["per_label"]["b"]["recall"] == pytest.approx(1 / 3)
     assert m["per_label"]["b"]["f1"] == pytest.approx(0.5)
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+    assert m["confusion"] == {"a": {"a": 1, "b": 0, "c": 0, INVALID: 0},
+                              "b": {"a": 1, "b": 1, "c": 0, INVALID: 1},
+                              "c": {"a": 0, "b": 0, "c": 0, INVALID: 0}}
+    report = per_label_report(m)
+    assert "| a | 0.500 | 1.000 | 0.667 | 1 |" in report and "1 invalid of 4" in report
+
+
+def test_confusion_matrix_png_is_written(tmp_path):
+    gold = [LABELS[i % 5] for i in range(40)]
+    predictions = [g if i % 3 else LABELS[(i + 1) % 5] for i, g in enumerate(gold)]
+    predictions[0] = INVALID
+    m = classification_metrics(predictions, gold, LABELS)
+    path = confusion_matrix_png(m, LABELS, tmp_path / "eval" / "cm.png")
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def _result(accuracy: float, **f1: float) -> dict:
+    """An evaluate_classifier-shaped result with the given per-label F1."""
+    per_label = {label: {"precision": v, "recall": v, "f1": v, "support": 10}
+                 for label, v in f1.items()}
+    return {"accuracy": accuracy, "macro_f1": sum(f1.values()) / len(f1), "per_label": per_label}
+
+
+def test_decide_promotion():
+    rule = {"metric": "accuracy", "min_improvement": 0.0, "max_label_drop": None}
+    new = _result(0.80, tech=0.612, sport=0.95)
+    assert decide_promotion(new, None, **rule) == {"promote": True, "reason": "no champion yet"}
+    old = _result(0.70, tech=0.801, sport=0.60)
+    better = decide_promotion(new, old, **rule)
+    assert better["promote"] and better["reason"] == "accuracy 0.800 > champion 0.700 + 0"
+    not_enough = decide_promotion(new, old, **(rule | {"min_improvement": 0.1}))
+    assert not not_enough["promote"]
+    assert not_enough["reason"] == "accuracy 0.800 <= champion 0.700 + 0.1"
+    assert not decide_promotion(old, old, **rule)["promote"]  # a tie is not better
+    macro = decide_promotion(new, old, **(rule | {"metric": "macro_f1"}))
+    assert macro["promote"] and macro["reason"].startswith("macro_f1 0.781 > champion 0.70")
+
+
+def test_a_champion_worse_on_a_label_by_more_than_the_rule_allows_is_not_replaced():
+    rule = {"metric": "accuracy", "min_improvement": 0.0}
+    new = _result(0.80, tech=0.612, sport=0.95)
+    old = _result(0.70, tech=0.801, sport=0.60)
+    dropped = decide_promotion(new, old, **rule, max_label_drop=0.05)
+    assert not dropped["promote"]
+    assert dropped["reason"] == "label 'tech' F1 0.612 < champion 0.801 - 0.05"
+    within = decide_promotion(new, old, **rule, max_label_drop=0.2)
+    assert within["promote"] and "no label's F1 dropped by more than 0.2" in within["reason"]
+    exact = _result(0.80, tech=0.75, sport=0.95)  # a drop of exactly the allowance is allowed
+    assert decide_promotion(exact, _result(0.7, tech=0.8, sport=0.6), **rule,
+                            max_label_drop=0.05)["promote"]
+    missing = _result(0.80, sport=0.95)  # a label the candidate never got right counts as 0
+    assert "label 'tech' F1 0.000" in decide_promotion(missing, old, **rule,
+                                                       max_label_drop=0.5)["reason"]
+
+
+def test_git_commit():
+    commit = git_commit()
+    assert commit == "unknown" or len(commit) == 40
 
 
 def test_failure_reason_skips_the_launcher_traceback():
@@ -76,7 +150,7 @@ def test_failure_reason_skips_the_launcher_traceback():
 def store(tmp_path_factory):
     """A real MLflow SQLite store with its own artifact folder and a pipeline-style parent run."""
     root = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again afterwards
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
@@ -166,29 +240,28 @@ def test_evaluation_of_base_and_final(trained, articles):
     assert final["accuracy"] > base["accuracy"]
 
 
-def test_register_and_promote(trained, store):
+def test_register_promote_and_download_the_champion(trained, store, articles, tmp_path):
     name = "training-tests-classifier"
     run_id = trained["result"]["mlflow_run_id"]
     final_dir = trained["result"]["final_dir"]
+    assert champion_version(name) is None
+    assert champion_model_dir(name, tmp_path / "none") is None
 
     v1 = register_model(final_dir, run_id, name, {"accuracy": 0.5}, {"spec_hash": "abc"})
-    first = promote_if_better(name, v1, "accuracy", 0.5, 0.0)
-    assert first["promoted"] and first["previous_champion_version"] is None
+    first = promote(name, v1, {"promote": True, "reason": "no champion yet"})
+    assert first == {"promoted": True, "previous_champion_version": None,
+                     "reason": "no champion yet"}
 
     v2 = register_model(final_dir, run_id, name, {"accuracy": 0.5}, {"spec_hash": "abc"})
-    same = promote_if_better(name, v2, "accuracy", 0.5, 0.0)
-    assert not same["promoted"]
-    assert (same["previous_champion_version"], same["previous_champion_value"]) == (v1, 0.5)
-    assert champion(name, "accuracy") == (v1, 0.5)
-
-    v3 = register_model(final_dir, run_id, name, {"accuracy": 0.6}, {})
-    assert not promote_if_better(name, v3, "accuracy", 0.6, 0.2)["promoted"]  # not by enough
-    assert promote_if_better(name, v3, "accuracy", 0.6, 0.05)["promoted"]
-    assert champion(name, "accuracy") == (v3, 0.6)
+    kept = promote(name, v2, {"promote": False, "reason": "accuracy 0.500 <= champion 0.500 + 0"})
+    assert not kept["promoted"] and kept["previous_champion_version"] == v1
+    assert champion_version(name) == v1
 
     client = MlflowClient()
     mv = client.get_model_version(name, v1)
     assert mv.tags["spec_hash"] == "abc" and float(mv.tags["accuracy"]) == 0.5
+    assert mv.tags["promotion"] == "no champion yet"
+    assert client.get_model_version(name, v2).tags["promotion"].startswith("accuracy 0.500 <=")
     assert mv.run_id == run_id
     # artifacts stay in the experiment's own folder, never ./mlruns
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))
@@ -196,6 +269,16 @@ def test_register_and_promote(trained, store):
     model_dir = Path(logged.artifact_location.removeprefix("file://"))
     assert Path(store["root"]) in model_dir.parents and (model_dir / "MLmodel").is_file()
     assert (model_dir / "model").is_dir() or any(model_dir.rglob("*.safetensors"))
+
+    # the champion comes back as a folder evaluate_classifier loads, scoring as the original
+    downloaded = champion_model_dir(name, tmp_path / "champion")
+    assert downloaded is not None and (downloaded / "config.json").is_file()
+    prompts = [a["prompt"] for a in articles[:20]]
+    gold = [a["completion"].strip() for a in articles[:20]]
+    again = evaluate_classifier(downloaded, prompts, gold, LABELS)
+    original = evaluate_classifier(final_dir, prompts, gold, LABELS)
+    assert again["predictions"] == original["predictions"]
+    assert again["accuracy"] == original["accuracy"] and again["invalid"] < 20
 
 
 def test_failed_training_raises_with_the_reason(tmp_path):

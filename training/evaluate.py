@@ -5,7 +5,9 @@
 Each prompt is completed greedily (batched, left-padded). The prediction is the label the
 generated text starts with after stripping whitespace (the longest such label, so `tech`
 and `technology` can coexist), else "<invalid>". Invalid predictions count as wrong.
-Macro-F1 averages per-label F1 over the label set (no scikit-learn needed).
+Macro-F1 averages per-label F1 over the label set (no scikit-learn needed). The result also
+holds a confusion matrix, {gold: {predicted or "<invalid>": count}}, which
+`confusion_matrix_png` draws and `per_label_report` sums up as a markdown table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def match_label(text: str, labels: list[str]) -> str:
 
 
 def classification_metrics(predictions: list[str], gold: list[str], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 over `labels`, and per-label precision/recall/F1/support."""
+    """Accuracy, macro-F1 over `labels`, per-label precision/recall/F1/support, confusion."""
     if len(predictions) != len(gold):
         raise ValueError(f"{len(predictions)} predictions for {len(gold)} gold labels")
     n = len(gold)
@@ -42,13 +44,71 @@ def classification_metrics(predictions: list[str], gold: list[str], labels: list
         per_label[label] = {
             "precision": precision, "recall": recall, "f1": f1, "support": support,
         }  # fmt: skip
+    columns = [*labels, *sorted(set(predictions) - set(labels) - {INVALID}), INVALID]
+    rows = [*labels, *sorted(set(gold) - set(labels))]
+    confusion = {g: dict.fromkeys(columns, 0) for g in rows}
+    for p, g in zip(predictions, gold, strict=True):
+        confusion[g][p] += 1
     return {
         "accuracy": correct / n if n else 0.0,
         "macro_f1": sum(m["f1"] for m in per_label.values()) / len(labels) if labels else 0.0,
         "per_label": per_label,
         "n": n,
         "invalid": sum(p == INVALID for p in predictions),
+        "confusion": confusion,
     }
+
+
+def per_label_report(result: dict) -> str:
+    """A markdown table of precision, recall, F1 and support per label, then the totals."""
+    lines = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for label, m in result["per_label"].items():
+        lines.append(
+            f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} "
+            f"| {m['support']} |"
+        )
+    lines.append(
+        f"\naccuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}, "
+        f"{result['invalid']} invalid of {result['n']}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def confusion_matrix_png(result: dict, labels: list[str], path: str | Path) -> Path:
+    """Draw `result["confusion"]` (rows gold, columns predicted, counts annotated) to `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    confusion = result["confusion"]
+    rows = [*labels, *(g for g in confusion if g not in labels)]
+    columns = [*labels, *(c for r in confusion.values() for c in r if c not in labels)]
+    columns = list(dict.fromkeys(columns)) or [INVALID]
+    counts = [[confusion.get(g, {}).get(c, 0) for c in columns] for g in rows]
+    fig = Figure(figsize=(1.1 * len(columns) + 2.5, 0.8 * len(rows) + 2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(counts, cmap="Blues", vmin=0)
+    top = max((max(r) for r in counts), default=0)
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                color="white" if top and count > top / 2 else "black",
+            )
+    ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"accuracy {result['accuracy']:.3f} on {result['n']} rows")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 @torch.inference_mode()
@@ -79,8 +139,9 @@ def evaluate_classifier(
 ) -> dict:
     """Greedy-decode every prompt with the model in `model_dir` and score it against `gold`.
 
-    Returns accuracy, macro_f1, per_label {precision, recall, f1, support}, n, invalid, and
-    predictions (one label or "<invalid>" per prompt)."""
+    Returns accuracy, macro_f1, per_label {precision, recall, f1, support}, n, invalid,
+    confusion {gold: {predicted: count}} and predictions (one label or "<invalid>" per
+    prompt)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

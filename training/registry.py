@@ -1,18 +1,32 @@
 """Register trained models in the MLflow Model Registry and move the `champion` alias.
 
     version = register_model("runs/x/final", run_id, "news-topics-classifier",
-                             metrics={"accuracy": 0.91}, tags={"spec_hash": "..."})
-    decision = promote_if_better("news-topics-classifier", version, "accuracy", 0.91, 0.0)
+                             metrics={"accuracy": 0.91}, tags={"posttrain.spec_hash": "..."})
+    old_dir = champion_model_dir("news-topics-classifier", "out/champion")  # None: no champion
+    old = evaluate_classifier(old_dir, prompts, gold, labels) if old_dir else None
+    decision = decide_promotion(new, old, metric="accuracy", min_improvement=0.0,
+                                max_label_drop=0.05)
+    promote("news-topics-classifier", version, decision)
 
 The model is logged with `mlflow.transformers.log_model` (model + tokenizer, task
 text-generation) into the given run and registered in one step; its metrics and tags become
-model-version tags, so the champion's figure is read back from its own version. The
-tracking URI is the caller's (`mlflow.set_tracking_uri`).
+model-version tags. The champion is judged by evaluating its own downloaded model on the
+candidate's rows, never by a figure it got on other rows. The tracking URI is the caller's
+(`mlflow.set_tracking_uri`).
+
+Lineage tags the pipeline passes to `register_model` (all strings):
+  posttrain.spec_hash       content hash of the spec
+  posttrain.dataset_sha256  sha256 of the curated train.jsonl
+  posttrain.skills          skills followed, "name@version" comma-separated
+  posttrain.git_commit      `git_commit()`: the code's commit, or "unknown"
+  posttrain.cost_usd        LLM spend of the run that produced the data
+  posttrain.parent_run_id   the pipeline's parent MLflow run
 """
 
 from __future__ import annotations
 
-import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -20,6 +34,15 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 CHAMPION = "champion"
+EPS = 1e-9  # float noise in sums such as 0.7 + 0.1
+LINEAGE_TAGS = (
+    "posttrain.spec_hash",
+    "posttrain.dataset_sha256",
+    "posttrain.skills",
+    "posttrain.git_commit",
+    "posttrain.cost_usd",
+    "posttrain.parent_run_id",
+)
 
 
 def _requirements() -> list[str]:
@@ -38,7 +61,8 @@ def register_model(
 ) -> str:
     """Log the model in `model_dir` to run `run_id`, register it, and return the version.
 
-    `metrics` (numbers) and `tags` are stored as tags of the new model version."""
+    `metrics` (numbers) and `tags` (e.g. the lineage tags above) are stored as tags of the
+    new model version."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -64,46 +88,104 @@ def register_model(
     return str(info.registered_model_version)
 
 
-def champion(registered_name: str, metric: str) -> tuple[str | None, float | None]:
-    """(version, value of `metric` from its tag) of the current champion, or (None, None)."""
-    client = MlflowClient()
+def champion_version(registered_name: str) -> str | None:
+    """The version the `champion` alias points at, or None."""
     try:
-        mv = client.get_model_version_by_alias(registered_name, CHAMPION)
+        return str(MlflowClient().get_model_version_by_alias(registered_name, CHAMPION).version)
     except MlflowException:
-        return None, None
-    raw = mv.tags.get(metric)
-    return str(mv.version), (float(raw) if raw is not None else None)
+        return None
 
 
-def promote_if_better(
-    registered_name: str, version: str | int, metric: str, value: float, min_improvement: float
+def champion_model_dir(registered_name: str, dest: str | Path) -> Path | None:
+    """Download the champion's model into `dest` and return a folder `from_pretrained` loads.
+
+    `mlflow.transformers` stores the weights and config under `model/` and the tokenizer
+    under `components/tokenizer/`; the tokenizer files are copied next to the weights.
+    None when there is no champion."""
+    if champion_version(registered_name) is None:
+        return None
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    root = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{registered_name}@{CHAMPION}", dst_path=str(dest)
+        )
+    )
+    model_dir = root / "model"
+    tokenizer_dir = root / "components" / "tokenizer"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no model/config.json in the champion of {registered_name}")
+    if tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy2(f, model_dir / f.name)
+    return model_dir
+
+
+def decide_promotion(
+    candidate: dict,
+    champion: dict | None,
+    *,
+    metric: str,
+    min_improvement: float,
+    max_label_drop: float | None,
 ) -> dict:
-    """Move `champion` to `version` if there is none or `value` beats it by > min_improvement.
+    """Whether `candidate` should replace `champion` (both `evaluate_classifier` results on
+    the same rows): it must beat the champion's `metric` by more than `min_improvement` and,
+    when `max_label_drop` is set, lose no more than that much F1 on any label.
 
-    Returns {promoted, previous_champion_version, previous_champion_value, reason}."""
+    Figures are compared with a 1e-9 tolerance, so 0.8 vs 0.7 + 0.1 is a tie, not a win.
+    Returns {promote, reason}; the reason names every failing figure."""
+    if champion is None:
+        return {"promote": True, "reason": "no champion yet"}
+    new, old = candidate[metric], champion[metric]
+    failures = []
+    if not new > old + min_improvement + EPS:
+        failures.append(f"{metric} {new:.3f} <= champion {old:.3f} + {min_improvement:g}")
+    if max_label_drop is not None:
+        for label, m in champion["per_label"].items():
+            f1 = candidate["per_label"].get(label, {}).get("f1", 0.0)
+            if m["f1"] - f1 > max_label_drop + EPS:
+                failures.append(
+                    f"label '{label}' F1 {f1:.3f} < champion {m['f1']:.3f} - {max_label_drop:g}"
+                )
+    if failures:
+        return {"promote": False, "reason": "; ".join(failures)}
+    reason = f"{metric} {new:.3f} > champion {old:.3f} + {min_improvement:g}"
+    if max_label_drop is not None:
+        reason += f"; no label's F1 dropped by more than {max_label_drop:g}"
+    return {"promote": True, "reason": reason}
+
+
+def promote(registered_name: str, version: str | int, decision: dict) -> dict:
+    """Apply `decision` (from `decide_promotion`): move `champion` to `version` if it says
+    promote, and tag the version with the reason (tag `promotion`).
+
+    Returns {promoted, previous_champion_version, reason}."""
     client = MlflowClient()
-    prev_version, prev_value = champion(registered_name, metric)
-    if prev_version is None:
-        promoted, reason = True, "no champion yet"
-    elif prev_value is None or math.isnan(prev_value):
-        promoted, reason = True, f"champion v{prev_version} has no {metric} tag"
-    elif value > prev_value + min_improvement:
-        promoted = True
-        reason = (
-            f"{metric} {value:.4f} > champion v{prev_version} {prev_value:.4f} + {min_improvement}"
-        )
-    else:
-        promoted = False
-        reason = (
-            f"{metric} {value:.4f} does not beat champion v{prev_version} "
-            f"{prev_value:.4f} + {min_improvement}"
-        )
-    if promoted:
+    previous = champion_version(registered_name)
+    if decision["promote"]:
         client.set_registered_model_alias(registered_name, CHAMPION, str(version))
-    client.set_model_version_tag(registered_name, str(version), "promotion", reason)
+    client.set_model_version_tag(registered_name, str(version), "promotion", decision["reason"])
     return {
-        "promoted": promoted,
-        "previous_champion_version": prev_version,
-        "previous_champion_value": prev_value,
-        "reason": reason,
+        "promoted": bool(decision["promote"]),
+        "previous_champion_version": previous,
+        "reason": decision["reason"],
     }
+
+
+def git_commit() -> str:
+    """The commit checked out in this repository, or "unknown" (no git, not a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
