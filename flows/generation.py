@@ -31,16 +31,11 @@ from flows.warehouse import (
     SliceDescriptor,
     fetch_eval_rows,
     fetch_slice_row,
-    make_engine,
     render_completion,
     render_prompt,
+    shared_engine,
     without_rows,
 )
-
-
-@functools.cache
-def _engine(url: str):
-    return make_engine(url)
 
 
 # ── 2. generate: one sub-agent per slice ────────────────────────────────────────────────────
@@ -60,7 +55,7 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
                 "rejected": previous["rejected"], "stopped_reason": previous["stopped_reason"],
                 "resumed": True}
     store.clear_slice_examples(run_id, descriptor.slice_id)
-    engine = _engine(spec.warehouse.url)
+    engine = shared_engine(spec.warehouse.url)
     agent = f"labeler/{descriptor.slice_id}"
     progress = Progress.get(progress_id)
     store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
@@ -130,7 +125,7 @@ def held_out_prompts(spec_path: str) -> frozenset[str]:
     """The rendered prompts of the held-out rows: no training example may equal one."""
     spec = load_spec(spec_path)
     return frozenset(render_prompt(spec, r)
-                     for r in fetch_eval_rows(spec, _engine(spec.warehouse.url)))
+                     for r in fetch_eval_rows(spec, shared_engine(spec.warehouse.url)))
 
 
 def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list[dict]) -> None:
@@ -166,7 +161,7 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
 
     counts, tv_before = measure()
     tv, results, topups = tv_before, [], 0
-    engine = _engine(spec.warehouse.url)
+    engine = shared_engine(spec.warehouse.url)
     for round_no in range(1, spec.distribution.max_topup_rounds + 1):
         if not target or tv <= spec.distribution.tolerance:
             break

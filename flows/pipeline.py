@@ -12,7 +12,6 @@ summary.json; MLflow holds the parent run, the training child run and the regist
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -35,13 +34,13 @@ from flows.generation import generate, held_out_prompts, rebalance
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, check_keys
 from flows.spec import Spec, load_spec
-from flows.store import Store
+from flows.store import Store, shared_store
 from flows.warehouse import (
     SliceDescriptor,
     fetch_eval_rows,
-    make_engine,
     plan_slices,
     render_prompt,
+    shared_engine,
 )
 from training.evaluate import confusion_matrix_png, evaluate_classifier, per_label_report
 from training.launch import OFFLINE_ENV, launch_sft
@@ -55,25 +54,14 @@ from training.registry import (
 from training.registry import promote as promote_model
 
 
-@functools.cache
-def _store(url: str) -> Store:
-    """One store (one connection pool) per process, shared by the agent threads."""
-    return Store(url)
-
-
-@functools.cache
-def _engine(url: str):
-    return make_engine(url)
-
-
 # ── 1. plan ─────────────────────────────────────────────────────────────────────────────────
 @task(name="plan-slices", cache_policy=NO_CACHE)
 def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
-    engine = _engine(spec.warehouse.url)
+    engine = shared_engine(spec.warehouse.url)
     if engine.dialect.name == "postgresql":  # agents read as a SELECT-only role: make sure of it
         ensure_reader_role(engine, "posttrain_reader", spec.warehouse.tables)
     slices = plan_slices(spec, engine)
-    _store(store_url).add_slices(run_id, slices)
+    shared_store(store_url).add_slices(run_id, slices)
     get_run_logger().info(
         "%d slices, %d rows: %s", len(slices), sum(s.row_count for s in slices),
         ", ".join(f"{s.slice_id}({s.row_count})" for s in slices),
@@ -88,7 +76,7 @@ def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
 def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Path,
            mlflow_run_id: str) -> dict:
     """Exact dedup, drop copies of held-out prompts, balance to the target, write, log."""
-    examples = _store(store_url).accepted_examples(run_id)
+    examples = shared_store(store_url).accepted_examples(run_id)
     held_out = held_out_prompts(spec_path)
     seen: set[str] = set()
     kept, duplicates, leaks = [], 0, 0
@@ -157,7 +145,7 @@ def train(spec: Spec, dataset: dict, out_dir: Path, mlflow_uri: str, mlflow_run_
 def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str) -> dict:
     """Base, trained and current champion models on the same held-out rows; the trained
     model's per-label report and confusion matrix go to out/eval/ and the parent run."""
-    rows = fetch_eval_rows(spec, _engine(spec.warehouse.url))
+    rows = fetch_eval_rows(spec, shared_engine(spec.warehouse.url))
     prompts = [render_prompt(spec, r) for r in rows]
     gold = [str(r[spec.task.gold_column]) for r in rows]
     labels = spec.task.labels
@@ -232,7 +220,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
-    store = _store(store_url)
+    store = shared_store(store_url)
     mlflow_uri = tracking.tracking_uri(spec.tracking.uri, out)
     mlflow.set_tracking_uri(mlflow_uri)  # also sets $MLFLOW_TRACKING_URI for subprocesses
     client = MlflowClient(mlflow_uri)

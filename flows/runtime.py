@@ -22,7 +22,7 @@ from agents.providers import make_provider
 from agents.ratelimit import limiter_for
 from agents.skills import load_skill
 from flows.spec import Role, Spec, load_spec
-from flows.store import Store
+from flows.store import shared_store
 
 SIMULATED_KEY = "simulated-teacher-key"
 
@@ -70,7 +70,7 @@ class Runtime:
     def __init__(self, settings: RuntimeSettings):
         self.settings = settings
         self.spec = load_spec(settings.spec_path)
-        self.store = Store(settings.store_url)
+        self.store = shared_store(settings.store_url)
         llm = self.spec.llm
         self.ledger = CostLedger(
             load_prices({m: p.model_dump(exclude_none=True) for m, p in llm.prices.items()}),

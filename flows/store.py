@@ -12,6 +12,7 @@ Tables: `runs` (one pipeline run), `slices` (one agent's share and how it ended)
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import uuid
@@ -437,3 +438,9 @@ class StoreCallCache:
 
     def put(self, key: str, *, api: str, model: str, response: dict) -> None:
         self._store.cache_put(key, api=api, model=model, response=response)
+
+
+@functools.cache
+def shared_store(url: str) -> Store:
+    """One store (one connection pool) per URL per process, shared by the agent threads."""
+    return Store(url)

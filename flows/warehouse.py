@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import math
 from typing import Any
@@ -305,3 +306,9 @@ def without_rows(slice: SliceDescriptor, row_ids: list[str], slice_id: str,
         "params": params,
         "row_count": slice.row_count - len(row_ids),
     })
+
+
+@functools.cache
+def shared_engine(url: str) -> Engine:
+    """One engine (one connection pool) per warehouse URL per process, for the flow's tasks."""
+    return make_engine(url)
