@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agents.teacher.config import TeacherKnobs
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+from flows.spec_training import DPO, Lora, Student, TinyModel, Training, Tuning, _Strict
+
+__all__ = ["DPO", "Lora", "Student", "TinyModel", "Training", "Tuning"]  # re-exported
 
 
 # ── where the data is ────────────────────────────────────────────────────────────────────────
@@ -252,47 +253,6 @@ class Distribution(_Strict):
     )
 
 
-# ── the model and how it learns ──────────────────────────────────────────────────────────────
-class TinyModel(_Strict):
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    vocab_size: int = Field(2000, ge=300, description="BPE vocabulary trained on the train set.")
-    max_position_embeddings: int = Field(512, ge=32)
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> TinyModel:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size: must be a multiple of num_heads ({self.num_heads}), "
-                f"got {self.hidden_size}"
-            )
-        return self
-
-
-class Student(_Strict):
-    source: Literal["tiny"] = Field(
-        "tiny", description="tiny: a small causal LM built from a config with a locally "
-        "trained tokenizer (no hub)."
-    )
-    tiny: TinyModel = Field(default_factory=TinyModel)
-    seed: int = Field(0, description="Seed for model init and training.")
-
-
-class Training(_Strict):
-    accelerate_profile: str = Field(
-        "cpu", description="Accelerate config under training/accelerate/ (without .yaml)."
-    )
-    max_steps: int = Field(600, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0, lt=1.0)
-    batch_size: int = Field(16, ge=1, description="Per-device train batch size.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    max_length: int = Field(256, ge=16, description="Tokens per example after truncation.")
-    threads: int = Field(1, ge=1, description="torch threads for CPU training.")
-
-
 class Promotion(_Strict):
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     min_improvement: float = Field(
@@ -303,6 +263,13 @@ class Promotion(_Strict):
         None, ge=0, le=1,
         description="Also refuse promotion when any label's F1 is more than this below the "
         "champion's on the same rows; null: no per-label check.",
+    )
+    require_approval: bool = Field(
+        False, description="Pause before moving the alias until a person approves in the "
+        "Prefect UI (the run waits for input)."
+    )
+    approval_timeout_minutes: float = Field(
+        60.0, gt=0.0, description="With require_approval: no answer in this time = not approved."
     )
 
 
@@ -342,6 +309,8 @@ class Spec(_Strict):
     distribution: Distribution = Field(default_factory=Distribution)
     student: Student = Field(default_factory=Student)
     training: Training = Field(default_factory=Training)
+    tuning: Tuning = Field(default_factory=Tuning)
+    dpo: DPO = Field(default_factory=DPO)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Tracking
     store: Store = Field(default_factory=Store)
