@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a tiny causal LM with TRL, the script Accelerate launches.
+"""Supervised fine-tuning of the student causal LM with TRL, the script Accelerate launches.
 
     accelerate launch --config_file training/accelerate/cpu.yaml \\
         -m training.sft --config RUN_DIR/sft_config.json
@@ -7,17 +7,25 @@ The JSON config (written by `training.launch.launch_sft`) holds:
     train_file      JSONL of {"prompt", "completion"}
     eval_file       optional JSONL of the same shape: eval loss is reported at the end
     output_dir      gets base/ (the untrained model), final/ (the trained one),
-                    train_result.json
-    tiny            {hidden_size, num_layers, num_heads, intermediate_size,
-                     max_position_embeddings, vocab_size}
+                    adapter/ (LoRA only: the adapter alone), train_result.json
+    model           optional {source: tiny | pretrained, name_or_path}: see
+                    training.model_source (default tiny)
+    tiny            {architecture, hidden_size, num_layers, num_heads, num_kv_heads,
+                     intermediate_size, max_position_embeddings, vocab_size}
     seed, max_steps, learning_rate, batch_size, lr_scheduler, warmup_ratio, max_length,
     threads, logging_steps (optional)
     batch_size      PER DEVICE (per process): one optimizer step sees
                     batch_size x gradient_accumulation_steps x processes examples
     gradient_accumulation_steps   optional, default 1
     processes       optional, read by training.launch for the cpu_ddp profile (default 2)
-    mlflow          optional {tracking_uri, experiment, parent_run_id, run_name}: the run is
-                    logged as a child of parent_run_id (rank 0 only)
+    lora            optional {r, alpha, dropout, target_modules}: r > 0 trains a peft LoRA
+                    adapter (logged to MLflow alone; final/ holds the merged model)
+    packing         optional bool: pack examples into max_length rows, padding-free (BFD)
+    bf16            optional auto | on | off (auto: on a GPU that supports bf16)
+    gradient_checkpointing  optional bool
+    liger           optional auto | on | off (auto: when liger-kernel is installed, on GPU)
+    mlflow          optional {tracking_uri, experiment, parent_run_id, run_name, tags}: the run
+                    is logged as a child of parent_run_id (rank 0 only); tags are added to it
 
 Progress goes to stdout as lines `[progress] {"step": .., "max_steps": .., "loss": ..}`.
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -34,12 +43,13 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from training.launch import PROGRESS_PREFIX
-from training.tiny_model import build_tiny_model, train_tokenizer
+from training.model_source import load_student
 
 
 class ProgressPrinter(TrainerCallback):
@@ -68,11 +78,45 @@ def read_examples(path: str) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def no_activation_checkpointing() -> dict:
-    """Checkpointing off (TRL defaults it on); transformers 5.24 renamed the field."""
+def no_activation_checkpointing(on: bool = False) -> dict:
+    """Checkpointing off unless asked (TRL defaults it on); transformers 5.24 renamed the field."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     new = "activation_checkpointing"
-    return {new if new in names else "gradient_checkpointing": False}
+    return {new if new in names else "gradient_checkpointing": on}
+
+
+def use_bf16(setting: str | bool | None) -> bool:
+    """bf16 mixed precision for `setting` auto | on | off on this machine."""
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting in (True, "on"):
+        if not supported:
+            raise SystemExit("training.bf16: on needs a CUDA GPU with bf16 support; "
+                             "none here: use auto or off")
+        return True
+    return bool(supported and setting in (None, "auto"))
+
+
+def use_liger(setting: str | bool | None) -> bool:
+    """Liger kernels for `setting` auto | on | off: auto = installed and on a GPU."""
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting in (True, "on"):
+        if not installed:
+            raise SystemExit("training.liger: on needs `pip install liger-kernel` (GPU only); "
+                             "use auto or off")
+        return True
+    return bool(installed and torch.cuda.is_available() and setting in (None, "auto"))
+
+
+def lora_config(lora: dict | None):
+    """A peft LoraConfig when `lora.r` > 0, else None (every weight trains)."""
+    if not lora or not int(lora.get("r") or 0):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora.get("alpha", 32)),
+                      lora_dropout=float(lora.get("dropout", 0.05)),
+                      target_modules=lora.get("target_modules") or "all-linear",
+                      task_type="CAUSAL_LM")
 
 
 def start_child_run(cfg: dict):
@@ -96,14 +140,13 @@ def start_child_run(cfg: dict):
         experiment_id=experiment_id,
         run_name=cfg.get("run_name") or "sft",
         parent_run_id=parent,
-        tags={"posttrain.stage": "sft"},
+        tags={"posttrain.stage": "sft", **(cfg.get("tags") or {})},
     )
 
 
 def main(config_path: str) -> dict:
     cfg = json.loads(Path(config_path).read_text())
     out = Path(cfg["output_dir"])
-    tiny = cfg["tiny"]
     torch.set_num_threads(int(cfg.get("threads", 1)))
     set_seed(int(cfg.get("seed", 0)))
     datasets.disable_progress_bars()
@@ -113,19 +156,11 @@ def main(config_path: str) -> dict:
     train = read_examples(cfg["train_file"])
     evaluation = read_examples(cfg["eval_file"]) if cfg.get("eval_file") else None
 
-    # ── tokenizer and model (built locally, seeded; every rank builds the same ones) ──────────
-    tokenizer = train_tokenizer(
-        (p + c for p, c in zip(train["prompt"], train["completion"], strict=True)),
-        vocab_size=int(tiny["vocab_size"]),
-    )
-    model = build_tiny_model(
-        tokenizer,
-        hidden_size=int(tiny["hidden_size"]),
-        num_layers=int(tiny["num_layers"]),
-        num_heads=int(tiny["num_heads"]),
-        intermediate_size=int(tiny["intermediate_size"]),
-        max_position_embeddings=int(tiny.get("max_position_embeddings", 512)),
-        seed=int(cfg.get("seed", 0)),
+    # ── tokenizer and model (tiny: built locally and seeded, every rank the same; or pretrained)
+    model_cfg = {**(cfg.get("model") or {"source": "tiny"}), "tiny": cfg.get("tiny"),
+                 "seed": cfg.get("seed", 0)}
+    model, tokenizer = load_student(
+        model_cfg, (p + c for p, c in zip(train["prompt"], train["completion"], strict=True))
     )
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
@@ -143,11 +178,12 @@ def main(config_path: str) -> dict:
         max_length=int(cfg.get("max_length", 256)),
         seed=int(cfg.get("seed", 0)),
         data_seed=int(cfg.get("seed", 0)),
-        # precision comes from the accelerate profile (ACCELERATE_MIXED_PRECISION), not TRL's
-        # bf16=True default; the device from the profile too (GPU profiles must not force CPU)
-        bf16=False,
+        # bf16 only where the machine has it (TRL defaults it on); the device from the profile
+        bf16=use_bf16(cfg.get("bf16")),
         use_cpu=not torch.cuda.is_available(),
-        **no_activation_checkpointing(),
+        **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
+        packing=bool(cfg.get("packing")),  # BFD packing: padding-free, no cross-example attention
+        use_liger_kernel=use_liger(cfg.get("liger")),
         logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
         save_strategy="no",
         eval_strategy="no",
@@ -157,6 +193,12 @@ def main(config_path: str) -> dict:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every parameter is used; skips a graph walk
     )
+    # the untrained model, so the pipeline can report how far training moved it (saved before
+    # peft wraps it in place)
+    if PartialState().is_main_process:
+        model.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+    peft_config = lora_config(cfg.get("lora"))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -164,10 +206,13 @@ def main(config_path: str) -> dict:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         callbacks=[ProgressPrinter()],
+        peft_config=peft_config,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressPrinter says it once, parseably
     rank0 = trainer.is_world_process_zero()
-    n_dropped = len(train) - len(trainer.train_dataset)
+    trainable_parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # packed rows hold several examples (BFD truncates an overlong one instead of dropping it)
+    n_dropped = 0 if args.packing else len(train) - len(trainer.train_dataset)
     if n_dropped == len(train):
         raise SystemExit(
             f"training.max_length: all {len(train)} examples were dropped because their prompts "
@@ -178,11 +223,6 @@ def main(config_path: str) -> dict:
 
     # Only rank 0 writes files and talks to MLflow: one base/, one final/, one child run per job
     # (the Trainer's MLflowCallback also logs from the world-process-zero only).
-    # the untrained model, so the pipeline can report how far training moved it
-    if rank0:
-        trainer.model.save_pretrained(out / "base")
-        tokenizer.save_pretrained(out / "base")
-
     run = start_child_run(mlflow_cfg) if (rank0 and mlflow_cfg) else None
 
     # ── train ─────────────────────────────────────────────────────────────────────────────────
@@ -199,7 +239,13 @@ def main(config_path: str) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"] if evaluation is not None else None
 
     # ── save and report ───────────────────────────────────────────────────────────────────────
-    trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
+    if peft_config is None:
+        trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
+    else:  # the adapter alone, then a merged copy that evaluation and DPO load like any model
+        trainer.save_model(str(out / "adapter"))
+        if rank0:
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(
+                out / "final")
     trainer.accelerator.wait_for_everyone()
     if not rank0:
         return {}
@@ -219,12 +265,18 @@ def main(config_path: str) -> dict:
         "num_tokens": tokens,
         "tokens_per_second": tokens / output.metrics["train_runtime"] if tokens else None,
         "n_train": len(train) - n_dropped,
+        "train_rows": len(trainer.train_dataset),  # fewer than n_train when packed
         "num_processes": trainer.accelerator.num_processes,
         "global_batch_size": args.per_device_train_batch_size
         * args.gradient_accumulation_steps
         * trainer.accelerator.num_processes,
         "n_dropped": n_dropped,
         "num_parameters": num_parameters,
+        "trainable_parameters": trainable_parameters,
+        "packing": bool(args.packing),
+        "bf16": bool(args.bf16),
+        "lora_r": peft_config.r if peft_config else 0,
+        "adapter_dir": str(out / "adapter") if peft_config else None,
         "vocab_size": len(tokenizer),
         "base_dir": str(out / "base"),
         "final_dir": str(out / "final"),
@@ -236,7 +288,12 @@ def main(config_path: str) -> dict:
 
         numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and k != "steps"}
         mlflow.log_metrics({f"result/{k}": float(v) for k, v in numbers.items()})
-        mlflow.log_params({f"tiny.{k}": v for k, v in tiny.items()})
+        if model_cfg.get("source", "tiny") == "tiny":
+            mlflow.log_params({f"tiny.{k}": v for k, v in (cfg.get("tiny") or {}).items()})
+        else:
+            mlflow.log_param("model.name_or_path", model_cfg.get("name_or_path"))
+        if peft_config is not None:  # the adapter, not a copy of the base
+            mlflow.log_artifacts(str(out / "adapter"), "adapter")
         mlflow.flush_async_logging()
         mlflow.end_run()
     return result
