@@ -1,0 +1,333 @@
+"""The tune stage: the clamp gate, the seeded search, the tuner LLM over HTTP (the simulated
+teacher through the real SDK and gateway), and real trials in a real Prefect flow with a real
+MLflow store (tiny model, `accelerate launch` of TRL)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from mlflow.tracking import MlflowClient
+
+from agents.skills import load_skill
+from agents.teacher import TeacherConfig, TeacherServer
+from agents.tuner import clamp_config, configs_schema, propose, tune_block
+from training.search import suggest
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
+BOUNDS = {"learning_rate": (2e-4, 3e-3), "batch_size": (8.0, 32.0), "warmup_ratio": (0.0, 0.1)}
+GOOD = {"learning_rate": 1e-3, "batch_size": 16, "warmup_ratio": 0.05}
+
+
+# ── the gate ─────────────────────────────────────────────────────────────────────────────────
+def test_clamp_keeps_a_good_config_unchanged():
+    assert clamp_config(GOOD, BOUNDS) == (GOOD, [])
+
+
+def test_clamp_clamps_and_rounds_with_notes():
+    config, notes = clamp_config(
+        {"learning_rate": 0.5, "batch_size": 12.6, "warmup_ratio": -0.2}, BOUNDS)
+    assert config == {"learning_rate": 3e-3, "batch_size": 13, "warmup_ratio": 0.0}
+    assert isinstance(config["batch_size"], int)
+    assert any("learning_rate 0.5 outside" in n for n in notes)
+    assert any("batch_size 12.6 rounded to 13" in n for n in notes)
+    assert any("warmup_ratio -0.2 outside" in n for n in notes)
+    config, notes = clamp_config({**GOOD, "batch_size": 99}, BOUNDS)
+    assert config["batch_size"] == 32 and notes == ["batch_size 99 outside [8, 32], clamped to 32"]
+    # lora_r is an integer too; a fractional bound is tightened to the integers inside it
+    config, notes = clamp_config({"lora_r": 2.2}, {"lora_r": (3.5, 16)})
+    assert config == {"lora_r": 4} and len(notes) == 2
+
+
+@pytest.mark.parametrize("proposal, says", [
+    ({**GOOD, "epochs": 3}, "unknown setting(s) epochs"),
+    ({**GOOD, "lora_r": 8}, "unknown setting(s) lora_r"),  # tunable, but not bounded here
+    ({"learning_rate": 1e-3, "batch_size": 16}, "missing setting(s) warmup_ratio"),
+    ({**GOOD, "learning_rate": float("nan")}, "learning_rate=nan is not a finite number"),
+    ({**GOOD, "learning_rate": float("inf")}, "is not a finite number"),
+    ({**GOOD, "batch_size": "16"}, "batch_size='16' is not a finite number"),
+    ({**GOOD, "warmup_ratio": None}, "warmup_ratio=None is not a finite number"),
+    ({**GOOD, "batch_size": True}, "batch_size=True is not a finite number"),
+    ([1e-3, 16, 0.05], "must be an object"),
+])
+def test_clamp_rejects(proposal, says):
+    config, notes = clamp_config(proposal, BOUNDS)
+    assert config is None and any(says in n for n in notes), notes
+
+
+def test_clamp_drops_duplicates_after_clamping():
+    assert clamp_config(GOOD, BOUNDS, seen=[GOOD])[0] is None
+    # 40 clamps to 32, the same config as one already seen
+    config, notes = clamp_config({**GOOD, "batch_size": 40}, BOUNDS,
+                                 seen=[{**GOOD, "batch_size": 32}])
+    assert config is None and "duplicate" in notes[-1]
+    # equal to 6 significant digits is the same trial
+    assert clamp_config({**GOOD, "learning_rate": 0.0010000001}, BOUNDS, seen=[GOOD])[0] is None
+
+
+# ── the seeded search ──────────────────────────────────────────────────────────────────────
+def _inside(config, bounds):
+    return all(bounds[n][0] <= v <= bounds[n][1] for n, v in config.items())
+
+
+def test_search_is_deterministic_in_bounds_and_typed():
+    bounds = {**BOUNDS, "lora_r": (4.0, 16.0)}
+    first = suggest(5, bounds, seed=3)
+    assert first == suggest(5, bounds, seed=3)
+    assert first != suggest(5, bounds, seed=4)
+    assert len(first) == 5 and len({json.dumps(c, sort_keys=True) for c in first}) == 5
+    for c in first:
+        assert set(c) == set(bounds) and _inside(c, bounds)
+        assert isinstance(c["batch_size"], int) and isinstance(c["lora_r"], int)
+        assert isinstance(c["learning_rate"], float)
+
+
+def test_search_learning_rate_is_log_uniform():
+    rates = [c["learning_rate"] for c in suggest(60, {"learning_rate": (1e-5, 1e-1)}, seed=0)]
+    # log-uniform over 4 decades: about a quarter per decade, not ~90% in the top one
+    assert sum(r < 1e-3 for r in rates) >= 20
+
+
+def test_search_uses_past_trials_and_never_repeats_them():
+    # 12 past trials whose loss is lowest near lr 1e-3, batch 16: TPE searches near there
+    past = [{"config": {"learning_rate": lr, "batch_size": bs, "warmup_ratio": 0.05},
+             "eval_loss": abs(math.log10(lr) + 3) + abs(bs - 16) / 16}
+            for lr in (3e-4, 1e-3, 2.5e-3) for bs in (8, 16, 24, 32)]
+    blind = suggest(6, BOUNDS, seed=0)
+    told = suggest(6, BOUNDS, past, seed=0)
+    assert told == suggest(6, BOUNDS, past, seed=0)  # deterministic with history too
+    assert told != blind
+    keys = {json.dumps(p["config"], sort_keys=True) for p in past}
+    assert not keys & {json.dumps(c, sort_keys=True) for c in told}
+
+    def distance(c):
+        return abs(math.log10(c["learning_rate"]) + 3) + abs(c["batch_size"] - 16) / 16
+
+    assert sum(map(distance, told)) < sum(map(distance, blind))
+    # an exhausted box: only the integers left
+    few = suggest(5, {"batch_size": (8, 10)}, exclude=[{"batch_size": 9}])
+    assert sorted(c["batch_size"] for c in few) == [8, 10]
+
+
+# ── the tuner LLM: the simulated teacher over HTTP, through the real SDK and gateway ────────
+LABELS = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@pytest.fixture(scope="module")
+def teacher(small_warehouse_url):
+    server = TeacherServer(TeacherConfig(small_warehouse_url, "articles", "id", "topic", LABELS))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def gateway(request, teacher):
+    from agents.gateway import LLMGateway, MemoryCache
+    from agents.providers import make_provider
+
+    url = teacher.base_url if request.param == "openai" else teacher.url
+    calls: list[dict] = []
+    gw = LLMGateway(make_provider(request.param, base_url=url, api_key="k", timeout=10),
+                    role="tuner", cache=MemoryCache(), on_call=calls.append)
+    gw.calls = calls
+    return gw
+
+
+def test_tune_block_is_the_skill_contract():
+    block = tune_block(2, {**BOUNDS, "lora_r": (0.0, 16.0)}, {"n": 80},
+                       [{"config": GOOD, "eval_loss": 1.5}])
+    body = json.loads(block[len("<tune>"):-len("</tune>")])
+    assert body["bounds"] == {"batch_size": [8, 32], "learning_rate": [2e-4, 3e-3],
+                              "lora_r": [0, 16], "warmup_ratio": [0.0, 0.1]}
+    assert body["past_trials"] == [{"config": GOOD, "eval_loss": 1.5, "score": -1.5}]
+    assert configs_schema(BOUNDS)["properties"]["configs"]["items"]["required"] == sorted(BOUNDS)
+
+
+def test_propose_through_the_real_sdk(gateway):
+    skill = load_skill("propose-training-config")
+    default = {"learning_rate": 1e-3, "batch_size": 16, "warmup_ratio": 0.03}
+    out = propose(gateway, "simulated-tuner", skill, 3, BOUNDS, {"n": 80}, [], seen=[default])
+    kept = [o["config"] for o in out if o["config"] is not None]
+    assert len(kept) == 3 and all(_inside(c, BOUNDS) for c in kept)
+    assert all(isinstance(c["batch_size"], int) for c in kept)
+    assert default not in kept
+    assert [c["status"] for c in gateway.calls] == ["ok"]
+    # with a past trial the teacher refines near the best one; past configs are never repeated
+    past = [{"config": kept[0], "eval_loss": 1.2}, {"config": kept[1], "eval_loss": 2.0}]
+    again = propose(gateway, "simulated-tuner", skill, 3, BOUNDS, {"n": 80}, past)
+    assert len(again) == 3 and kept[0] not in [a["config"] for a in again]
+    # the same request again is served by the call cache
+    propose(gateway, "simulated-tuner", skill, 3, BOUNDS, {"n": 80}, past)
+    assert gateway.calls[-1]["cached"] is True
+
+
+def test_propose_gates_a_bad_reply():
+    """The simulated teacher has no knob for out-of-bounds configs: a scripted gateway
+    returns them, and every one is clamped, rejected or dropped, each with a note."""
+    class Scripted:
+        def complete_json(self, **kw):
+            self.kw = kw
+            return {"configs": [
+                {"learning_rate": 0.5, "batch_size": 12.4, "warmup_ratio": 0.05},   # clamped
+                {"learning_rate": "fast", "batch_size": 16, "warmup_ratio": 0.05},  # rejected
+                {"learning_rate": 3e-3, "batch_size": 12, "warmup_ratio": 0.05},    # duplicate
+                {**GOOD, "epochs": 2},                                              # unknown
+                {"learning_rate": 1e-3, "batch_size": 20, "warmup_ratio": 0.0},     # kept
+                {"learning_rate": 2e-3, "batch_size": 20, "warmup_ratio": 0.0},     # beyond k
+            ]}
+
+    gw = Scripted()
+    out = propose(gw, "m", load_skill("propose-training-config"), 2, BOUNDS, {}, [])
+    assert [o["config"] is not None for o in out] == [True, False, False, False, True, False]
+    assert out[0]["config"] == {"learning_rate": 3e-3, "batch_size": 12, "warmup_ratio": 0.05}
+    assert "not a finite number" in out[1]["notes"][0]
+    assert "duplicate" in out[2]["notes"][-1]
+    assert "unknown" in out[3]["notes"][0] and "beyond" in out[5]["notes"][0]
+    assert gw.kw["messages"][0]["content"].startswith("# Propose training configurations")
+    assert gw.kw["schema_name"] == "configs"
+    assert propose(type("G", (), {"complete_json": lambda self, **kw: {"x": 1}})(), "m",
+                   load_skill("propose-training-config"), 2, BOUNDS, {}, [])[0]["config"] is None
+
+
+# ── real trials in a real flow ───────────────────────────────────────────────────────────────
+def tune_spec(warehouse_url: str, tmp: Path, tuner: bool) -> Path:
+    data = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
+    data["name"] = "tune-test"
+    data["warehouse"]["url"] = warehouse_url
+    data["student"]["tiny"] = {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                               "intermediate_size": 64, "vocab_size": 300}
+    data["training"].update({"max_steps": 20, "batch_size": 8, "learning_rate": 0.003,
+                             "max_length": 128})
+    data["tuning"] = {"enabled": True, "trials": 3, "max_steps": 20, "concurrency": 2,
+                      "validation_fraction": 0.2, "seed": 0,
+                      "bounds": {"learning_rate": [1e-4, 1e-2], "batch_size": [4, 16],
+                                 "warmup_ratio": [0.0, 0.1], "lora_r": [0, 8]}}
+    if tuner:
+        data["llm"]["tuner"] = {"api": "openai", "model": "simulated-tuner",
+                                "endpoint": "simulated", "temperature": 0.0}
+    data["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    path = tmp / f"spec-{'tuner' if tuner else 'search'}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def curated(engine, path: Path, n: int = 80) -> dict:
+    """A curate-stage result: n real articles as {"prompt", "completion"} JSONL."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT title, body, topic FROM articles ORDER BY id "
+                                    "LIMIT :n"), {"n": n}).all()
+    path.write_text("".join(json.dumps({"prompt": f"Title: {t}\nLead: {b[:120]}\nTopic:",
+                                        "completion": f" {topic}"}) + "\n"
+                            for t, b, topic in rows))
+    return {"path": str(path), "n": len(rows), "sha256": "test"}
+
+
+@pytest.fixture(scope="module")
+def two_tunes(small_warehouse_url, engine, tmp_path_factory, prefect_api, teacher):
+    """tune() twice in real flows on one MLflow store: first with the tuner LLM, then the
+    same spec name without one (the seeded search), which must see the first's trials."""
+    from prefect import flow
+
+    from flows import tracking
+    from flows.runtime import RuntimeSettings
+    from flows.spec import load_spec
+    from flows.store import shared_store
+    from flows.tuning import tune
+
+    tmp = tmp_path_factory.mktemp("tune")
+    dataset = curated(engine, tmp / "curated.jsonl")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    @flow(name="tune-test")
+    def run(spec_path: str, out: str, endpoints: tuple) -> dict:
+        spec = load_spec(spec_path)
+        exp = tracking.ensure_experiment(client, spec.tracking.experiment, Path(out))
+        parent = tracking.start_parent_run(client, exp, run_name=Path(out).name, params={},
+                                           tags={})
+        store_url = f"sqlite:///{out}/store.db"
+        run_id = shared_store(store_url).start_run(spec.name, spec.content_hash(), "{}")
+        settings = RuntimeSettings(spec_path, run_id, store_url, out, endpoints)
+        result = tune(spec, dataset, settings, Path(out), uri, parent, "")
+        client.set_terminated(parent)
+        calls = shared_store(store_url).call_totals(run_id)
+        return {**result, "parent": parent, "tuner_calls": calls["calls"]}
+
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    first = run(str(tune_spec(small_warehouse_url, tmp, tuner=True)), str(tmp / "a"),
+                (("generator", teacher.base_url), ("judge", teacher.url),
+                 ("tuner", teacher.base_url)))
+    second = run(str(tune_spec(small_warehouse_url, tmp, tuner=False)), str(tmp / "b"),
+                 (("generator", teacher.base_url), ("judge", teacher.url)))
+    return client, first, second
+
+
+def test_trials_are_child_runs_and_the_best_is_chosen(two_tunes):
+    client, first, _ = two_tunes
+    trials = first["trials"]
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert [t["source"] for t in trials] == ["default", "tuner", "tuner"]
+    assert first["fill_reason"] is None and first["proposer"] == "tuner"
+    assert first["tuner_calls"] == 1  # one LLM call, recorded in the run's store
+    assert trials[0]["config"] == {"learning_rate": 0.003, "batch_size": 8,
+                                   "warmup_ratio": 0.03, "lora_r": 0}
+    assert all(t["status"] == "ok" and math.isfinite(t["eval_loss"]) for t in trials)
+    # a trial with lora_r > 0 trained a LoRA adapter (spec.training.lora with the trial's r)
+    tune_dir = Path(first["validation_path"]).parent
+    for t in trials:
+        assert (tune_dir / f"trial-{t['trial']}" / "adapter").is_dir() == (
+            t["config"]["lora_r"] > 0)
+    best = min(trials, key=lambda t: t["eval_loss"])
+    assert first["chosen_config"] == best["config"]
+    assert first["best_eval_loss"] == best["eval_loss"]
+    assert first["default_eval_loss"] == trials[0]["eval_loss"]
+    assert first["beats_default"] == (best["trial"] != 0)
+    # three child runs under the parent, tagged as trials, each with its eval loss
+    children = client.search_runs(
+        [client.get_run(first["parent"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first['parent']}'")
+    assert len(children) == 3
+    by_id = {r.info.run_id: r for r in children}
+    for t in trials:
+        run = by_id[t["mlflow_run_id"]]
+        assert run.data.tags["posttrain.stage"] == "trial"
+        assert run.data.tags["posttrain.trial"] == str(t["trial"])
+        assert json.loads(run.data.tags["posttrain.trial_config"]) == t["config"]
+        assert run.data.metrics["result/eval_loss"] == pytest.approx(t["eval_loss"])
+    parent = client.get_run(first["parent"])
+    assert parent.data.metrics["tune/best_eval_loss"] == pytest.approx(first["best_eval_loss"])
+    assert parent.data.metrics["tune/default_eval_loss"] == pytest.approx(
+        first["default_eval_loss"])
+    assert {a.path for a in client.list_artifacts(first["parent"], "tune")} == {
+        "tune/trials.json", "tune/trials.md"}
+
+
+def test_validation_split_is_by_prompt_and_disjoint(two_tunes):
+    _, first, second = two_tunes
+    train = [json.loads(x)["prompt"] for x in Path(first["train_path"]).read_text().splitlines()]
+    val = [json.loads(x)["prompt"] for x in Path(first["validation_path"]).read_text().splitlines()]
+    assert len(train) + len(val) == 80 and first["n_validation"] == len(val) > 0
+    assert not set(train) & set(val)
+    # the same data splits the same way in another run
+    assert Path(second["validation_path"]).read_text() == Path(first["validation_path"]).read_text()
+
+
+def test_a_second_tune_sees_the_first_trials(two_tunes):
+    _, first, second = two_tunes
+    assert first["past_trials"] == 0
+    assert second["past_trials"] == 3
+    assert set(second["past_trial_run_ids"]) == {t["mlflow_run_id"] for t in first["trials"]}
+    assert [t["source"] for t in second["trials"]] == ["default", "search", "search"]
+    seen = [json.dumps(t["config"], sort_keys=True) for t in first["trials"]]
+    for t in second["trials"][1:]:
+        assert json.dumps(t["config"], sort_keys=True) not in seen
+        assert 1e-4 <= t["config"]["learning_rate"] <= 1e-2
+        assert 4 <= t["config"]["batch_size"] <= 16
+        assert 0 <= t["config"]["lora_r"] <= 8
