@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import warnings
 from collections import Counter
@@ -37,6 +38,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agents.skills import load_skill
@@ -47,7 +49,6 @@ from flows.spec import Spec
 from training.launch import launch_sft
 from training.search import suggest
 
-TRIAL_TAGS = ("posttrain.stage", "posttrain.trial", "posttrain.spec_name")
 MAX_PAST_TRIALS = 50
 
 
@@ -208,7 +209,7 @@ def propose_trials(spec: Spec, settings: RuntimeSettings | None, stats: dict,
     configs = [{"config": {**default, **c["config"]}, "source": c["source"],
                 **({"clamped": c["clamped"]} if c["clamped"] else {})} for c in chosen]
     if fill_reason:
-        get_run_logger().warning("tuning: %s; the search filled the rest", fill_reason)
+        _logger().warning("tuning: %s; the search filled the rest", fill_reason)
     return {"configs": configs, "rejected": notes, "fill_reason": fill_reason}
 
 
@@ -230,6 +231,13 @@ def run_trial(spec: Spec, trial: int, config: dict, split: dict, out_dir: Path,
     get_run_logger().info("trial %d %s: eval loss %s", trial, config, result.get("eval_loss"))
     return {"eval_loss": result.get("eval_loss"), "mlflow_run_id": result.get("mlflow_run_id"),
             "train_loss": result.get("train_loss"), "steps": result.get("steps")}
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow or task run (tests, a notebook)
+        return logging.getLogger(__name__)
 
 
 # ── the stage ──────────────────────────────────────────────────────────────────────────────────

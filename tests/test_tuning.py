@@ -195,6 +195,35 @@ def test_propose_gates_a_bad_reply():
                    load_skill("propose-training-config"), 2, BOUNDS, {}, [])[0]["config"] is None
 
 
+def test_a_failed_or_short_tuner_is_filled_by_the_search_and_recorded(
+        small_warehouse_url, tmp_path, monkeypatch):
+    from agents.providers import ProviderError
+    from flows import tuning
+    from flows.spec import load_spec
+
+    spec = load_spec(tune_spec(small_warehouse_url, tmp_path, tuner=True))
+    spec.tuning.trials = 4
+    monkeypatch.setattr(tuning, "get_runtime", lambda settings: type(
+        "R", (), {"gateways": {"tuner": None}})())
+
+    def failing(*a, **kw):
+        raise ProviderError("server", "HTTP 500 after 5 attempts", status=500)
+
+    monkeypatch.setattr(tuning, "propose", failing)
+    out = tuning.propose_trials.fn(spec, None, {"n": 80}, [])
+    assert [c["source"] for c in out["configs"]] == ["search"] * 3
+    assert out["fill_reason"].startswith("tuner call failed: ProviderError")
+    # a tuner that gives one valid and one rejected proposal: two places filled, and said so
+    good = {"learning_rate": 1e-3, "batch_size": 8, "warmup_ratio": 0.05, "lora_r": 2}
+    monkeypatch.setattr(tuning, "propose", lambda *a, **kw: [
+        {"config": good, "notes": [], "proposal": good},
+        {"config": None, "notes": ["rejected: x"], "proposal": {"x": 1}}])
+    out = tuning.propose_trials.fn(spec, None, {"n": 80}, [])
+    assert [c["source"] for c in out["configs"]] == ["tuner", "search", "search"]
+    assert out["fill_reason"] == "tuner gave 1 valid proposals of 3 (1 rejected)"
+    assert out["rejected"] == [{"proposal": {"x": 1}, "notes": ["rejected: x"]}]
+
+
 # ── real trials in a real flow ───────────────────────────────────────────────────────────────
 def tune_spec(warehouse_url: str, tmp: Path, tuner: bool) -> Path:
     data = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
