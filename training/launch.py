@@ -1,16 +1,19 @@
-"""Run `training.sft` under `accelerate launch` in a subprocess, and watch it.
+"""Run a training script (`training.sft`, `training.dpo`) under `accelerate launch` in a
+subprocess, and watch it.
 
     result = launch_sft(config, run_dir, profile="cpu", on_line=print)
+    result = launch_training("training.dpo", config, run_dir, "cpu", print, "dpo_result.json")
 
-writes `run_dir/sft_config.json`, runs
+writes `run_dir/<script>_config.json` (sft_config.json, dpo_config.json), runs
 
     accelerate launch --config_file training/accelerate/<profile>.yaml \\
         -m training.sft --config run_dir/sft_config.json
 
 with `--num_processes` taken from the machine (`num_processes_for`: the visible GPUs for a GPU
 profile, the config's `processes` (default 2) for `cpu_ddp`, 1 for `cpu`), offline, streams
-every output line to `run_dir/train.log` and to `on_line`, and returns the parsed
-`train_result.json` (see `training.sft`). A failed run raises `TrainingFailed` carrying the
+every output line to `run_dir/train.log` and to `on_line`, and returns the parsed result file
+the script wrote in its output_dir (`train_result.json` for `training.sft`,
+`dpo_result.json` for `training.dpo`). A failed run raises `TrainingFailed` carrying the
 last 40 log lines; a profile this machine cannot run (no GPU, no deepspeed) raises
 `ProfileUnavailable` (a `TrainingFailed`) before anything starts. `parse_progress(line)` turns
 the script's progress lines into dicts. Profiles and commands: docs/training.md.
@@ -138,12 +141,13 @@ def profile_path(profile: str) -> Path:
     return path
 
 
-def build_command(config_path: Path, profile: str = "cpu", num_processes: int = 1) -> list[str]:
+def build_command(config_path: Path, profile: str = "cpu", num_processes: int = 1,
+                  module: str = "training.sft") -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(profile_path(profile)),
         "--num_processes", str(num_processes),
-        "-m", "training.sft", "--config", str(config_path),
+        "-m", module, "--config", str(config_path),
     ]  # fmt: skip
 
 
@@ -168,20 +172,36 @@ def launch_sft(
 
     `config` is the JSON config of `training.sft`; `output_dir` defaults to `run_dir`.
     `config["processes"]` sets the process count of `cpu_ddp`; `batch_size` is per process."""
+    return launch_training("training.sft", config, run_dir, profile, on_line, "train_result.json")
+
+
+def launch_training(
+    module: str,
+    config: dict,
+    run_dir: Path,
+    profile: str = "cpu",
+    on_line: Callable[[str], None] | None = None,
+    result_name: str = "train_result.json",
+) -> dict:
+    """Run `accelerate launch -m <module> --config run_dir/<name>_config.json` and return the
+    `result_name` JSON the script wrote in its `output_dir` (default `run_dir`).
+
+    The same for every script: process count from the machine and the profile, offline, each
+    output line to `run_dir/train.log` and `on_line`; a failed run raises `TrainingFailed`."""
     num_processes = num_processes_for(profile, config)  # fails fast, before any file is written
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "output_dir": str(Path(config.get("output_dir") or run_dir).resolve())}
-    config_path = run_dir / "sft_config.json"
+    config_path = run_dir / f"{module.rsplit('.', 1)[-1]}_config.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = run_dir / "train.log"
-    result_path = Path(config["output_dir"]) / "train_result.json"
+    result_path = Path(config["output_dir"]) / result_name
     result_path.unlink(missing_ok=True)  # never mistake an old result for this run's
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            build_command(config_path, profile, num_processes),
+            build_command(config_path, profile, num_processes, module),
             cwd=REPO_ROOT,
             env=_env(config),
             stdin=subprocess.DEVNULL,
@@ -211,7 +231,7 @@ def launch_sft(
 
 
 def parse_progress(line: str) -> dict | None:
-    """`{"step", "max_steps", "loss", ...}` from a progress line of training.sft, else None."""
+    """`{"step", "max_steps", "loss", ...}` from a progress line of a training script, else None."""
     if not line.startswith(PROGRESS_PREFIX):
         return None
     try:
