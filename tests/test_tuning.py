@@ -360,3 +360,46 @@ def test_a_second_tune_sees_the_first_trials(two_tunes):
         assert 1e-4 <= t["config"]["learning_rate"] <= 1e-2
         assert 4 <= t["config"]["batch_size"] <= 16
         assert 0 <= t["config"]["lora_r"] <= 8
+
+
+def test_a_failed_trial_is_recorded_and_all_failing_stops_the_stage(
+        small_warehouse_url, engine, tmp_path, monkeypatch, prefect_api):
+    """The trials' training is replaced by a stub (the real one is exercised above): one
+    trial fails and is recorded with its reason; when all fail the stage raises."""
+    from prefect import flow
+
+    from flows import tracking, tuning
+    from flows.spec import load_spec
+    from training.launch import TrainingFailed
+
+    spec_path = tune_spec(small_warehouse_url, tmp_path, tuner=False)
+    spec = load_spec(spec_path)
+    dataset = curated(engine, tmp_path / "curated.jsonl", n=40)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    broken: set[int] = set()
+
+    def fake_launch(config, run_dir, profile):
+        trial = int(config["mlflow"]["tags"]["posttrain.trial"])
+        if trial in broken:
+            raise TrainingFailed(1, ["RuntimeError: out of memory"], Path(run_dir) / "train.log")
+        return {"eval_loss": 3.0 - config["learning_rate"] * 100, "mlflow_run_id": None}
+
+    monkeypatch.setattr(tuning, "launch_sft", fake_launch)
+
+    @flow(name="tune-stub")
+    def run() -> dict:
+        exp = tracking.ensure_experiment(client, spec.tracking.experiment, tmp_path)
+        parent = tracking.start_parent_run(client, exp, run_name="stub", params={}, tags={})
+        return tuning.tune(spec, dataset, None, tmp_path, uri, parent, "")
+
+    broken.add(1)
+    result = run()
+    failed = [t for t in result["trials"] if t["status"] == "failed"]
+    assert [t["trial"] for t in failed] == [1]
+    assert failed[0]["error"] == "RuntimeError: out of memory" and failed[0]["eval_loss"] is None
+    ok = [t for t in result["trials"] if t["status"] == "ok"]
+    assert result["chosen_config"] == min(ok, key=lambda t: t["eval_loss"])["config"]
+    broken.update({0, 2})
+    with pytest.raises(Exception, match="every trial failed"):
+        run()
