@@ -167,6 +167,29 @@ def test_propose_through_the_real_sdk(gateway):
     assert gateway.calls[-1]["cached"] is True
 
 
+def test_a_failed_tuner_call_is_retried_by_the_gateway(small_warehouse_url):
+    """The teacher answers the first attempt of every request 500: the gateway retries."""
+    from agents.gateway import LLMGateway, MemoryCache
+    from agents.providers import make_provider
+    from agents.teacher import TeacherKnobs
+
+    server = TeacherServer(TeacherConfig(small_warehouse_url, "articles", "id", "topic", LABELS,
+                                         knobs=TeacherKnobs(fault_500_rate=1.0)))
+    server.start()
+    try:
+        calls: list[dict] = []
+        gw = LLMGateway(make_provider("openai", base_url=server.base_url, api_key="k",
+                                      timeout=10),
+                        role="tuner", cache=MemoryCache(), on_call=calls.append,
+                        backoff_base=0.01)
+        out = propose(gw, "simulated-tuner", load_skill("propose-training-config"), 2, BOUNDS,
+                      {"n": 80}, [])
+    finally:
+        server.stop()
+    assert len([o for o in out if o["config"]]) == 2
+    assert [(c["status"], c["attempt"]) for c in calls] == [("error", 1), ("ok", 2)]
+
+
 def test_propose_gates_a_bad_reply():
     """The simulated teacher has no knob for out-of-bounds configs: a scripted gateway
     returns them, and every one is clamped, rejected or dropped, each with a note."""
