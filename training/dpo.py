@@ -1,0 +1,244 @@
+"""Direct preference optimisation (TRL DPO) of the SFT model, the script Accelerate launches.
+
+    accelerate launch --config_file training/accelerate/cpu.yaml \\
+        -m training.dpo --config RUN_DIR/dpo_config.json
+
+The JSON config (written by `flows.preferences.train_dpo` through
+`training.launch.launch_training`) holds:
+    train_file      JSONL of {"prompt", "chosen", "rejected"}
+    eval_file       JSONL of the same shape, held-out pairs: reward accuracy and margin are
+                    measured on them at the end
+    model_dir       the SFT model (its final/ folder): the policy AND the reference are both
+                    loaded from it (a config-built model has no hub id, so TRL cannot build
+                    the reference itself), with its tokenizer
+    output_dir      gets final/ (model + tokenizer) and dpo_result.json
+    beta, loss_type (a list, summed), max_steps, learning_rate, batch_size (PER DEVICE),
+    max_length, seed, threads; optional lr_scheduler (default cosine), warmup_ratio
+    (default 0.1), gradient_accumulation_steps, logging_steps, bf16 (auto | on | off),
+    gradient_checkpointing (as training.sft)
+    lora            optional {r, alpha, dropout, target_modules}: r > 0 trains a LoRA adapter
+                    (the reference is then the policy with its adapter disabled: no second
+                    model); adapter/ holds the adapter alone, final/ the merged model
+    sanity          optional, default true: stop when DPO degenerates (training.dpo_sanity)
+    mlflow          optional {tracking_uri, experiment, parent_run_id, run_name, tags}: a
+                    child run of parent_run_id (rank 0 only)
+
+Progress goes to stdout as `[progress] {"step", "max_steps", "loss", "rewards/margins", ...}`.
+A degenerate run ends with one line `DPO degenerate: ...` and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    TrainerCallback,
+    set_seed,
+)
+from trl import DPOConfig, DPOTrainer
+
+from training.dpo_sanity import dpo_health
+from training.sft import (
+    ProgressPrinter,
+    lora_config,
+    no_activation_checkpointing,
+    start_child_run,
+    use_bf16,
+)
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DPODegenerate(RuntimeError):
+    """The sanity check stopped the run; the message is the one line to report."""
+
+
+class DPOSanity(TrainerCallback):
+    """Feeds every training log to `dpo_health`; raises `DPODegenerate` when it answers.
+
+    Every rank sees the same (gathered) DPO metrics, so every rank stops at the same step."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or any(k.startswith("eval_") for k in logs):
+            return
+        self.history.append({"step": state.global_step, **logs})
+        message = dpo_health(self.history, state.max_steps)
+        if message:
+            raise DPODegenerate(message)
+
+
+def read_pairs(path: str) -> Dataset:
+    """A JSONL file of {"prompt", "chosen", "rejected"} as a Dataset."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                pair = {k: row.get(k) for k in PAIR_FIELDS}
+                if not all(isinstance(v, str) for v in pair.values()):
+                    raise ValueError(f"{path}:{n}: needs string fields prompt, chosen, rejected")
+                rows.append(pair)
+    if not rows:
+        raise ValueError(f"{path}: no preference pairs")
+    return Dataset.from_list(rows)
+
+
+def main(config_path: str) -> dict:
+    cfg = json.loads(Path(config_path).read_text())
+    out = Path(cfg["output_dir"])
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    set_seed(int(cfg.get("seed", 0)))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+    # ── data ──────────────────────────────────────────────────────────────────────────────────
+    train = read_pairs(cfg["train_file"])
+    held_out = read_pairs(cfg["eval_file"])
+
+    # ── policy and reference, both from the SFT model ─────────────────────────────────────────
+    model_dir = cfg["model_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = lora_config(cfg.get("lora"))
+    ref_model = (None if peft_config is not None
+                 else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+
+    # ── DPO config: overrides of TRL's GPU-minded defaults ────────────────────────────────────
+    max_steps = int(cfg["max_steps"])
+    mlflow_cfg = cfg.get("mlflow") or None
+    batch_size = int(cfg["batch_size"])
+    args = DPOConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=max_steps,
+        learning_rate=float(cfg["learning_rate"]),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
+        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
+        warmup_steps=round(float(cfg.get("warmup_ratio", 0.1)) * max_steps),
+        beta=float(cfg["beta"]),
+        loss_type=list(cfg["loss_type"]),
+        max_length=int(cfg["max_length"]),
+        seed=int(cfg.get("seed", 0)),
+        data_seed=int(cfg.get("seed", 0)),
+        bf16=use_bf16(cfg.get("bf16")),  # as training.sft: only where the machine has it
+        use_cpu=not torch.cuda.is_available(),
+        **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
+        logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=["mlflow"] if mlflow_cfg else "none",
+        run_name=(mlflow_cfg or {}).get("run_name") or "dpo",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    callbacks: list[TrainerCallback] = [ProgressPrinter()]
+    if cfg.get("sanity", True):
+        callbacks.append(DPOSanity())
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
+    trainer.remove_callback(PrinterCallback)
+    rank0 = trainer.is_world_process_zero()
+    n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
+    if n_train == 0 or n_eval == 0:
+        raise SystemExit(
+            f"dpo.max_length: every {'training' if n_train == 0 else 'held-out'} pair was "
+            f"dropped because its prompt alone fills max_length={args.max_length} tokens; "
+            f"raise dpo.max_length")
+
+    run = start_child_run(mlflow_cfg) if (rank0 and mlflow_cfg) else None
+    if run is not None:
+        import mlflow
+
+        mlflow.set_tags({"posttrain.stage": "dpo", **(mlflow_cfg.get("tags") or {})})
+
+    # ── train, then measure on the held-out pairs ─────────────────────────────────────────────
+    started = time.perf_counter()
+    try:
+        output = trainer.train()
+        train_seconds = time.perf_counter() - started
+        metrics = trainer.evaluate()
+    except BaseException as e:
+        if run is not None:
+            import mlflow
+
+            mlflow.end_run(status="FAILED")
+        if isinstance(e, DPODegenerate):
+            raise SystemExit(str(e)) from None  # the message is the process's last line
+        raise
+
+    # ── save and report ───────────────────────────────────────────────────────────────────────
+    if peft_config is None:
+        trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
+    else:  # the adapter alone, then a merged copy that evaluation loads like any model
+        trainer.save_model(str(out / "adapter"))
+        if rank0:
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(
+                out / "final")
+    trainer.accelerator.wait_for_everyone()
+    if not rank0:
+        return {}
+    tokenizer.save_pretrained(out / "final")
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "rewards/margins" in h), {})
+    result = {
+        "reward_accuracy": metrics.get("eval_rewards/accuracies"),
+        "reward_margin": metrics.get("eval_rewards/margins"),
+        "eval_rewards_chosen": metrics.get("eval_rewards/chosen"),
+        "eval_rewards_rejected": metrics.get("eval_rewards/rejected"),
+        "eval_loss": metrics.get("eval_loss"),
+        "train_loss": float(output.training_loss),
+        "final_loss": last.get("loss"),
+        "train_reward_accuracy": last.get("rewards/accuracies"),
+        "train_reward_margin": last.get("rewards/margins"),
+        "steps": int(output.global_step),
+        "train_seconds": train_seconds,
+        "n_train": n_train,
+        "n_eval": n_eval,
+        "num_processes": trainer.accelerator.num_processes,
+        "beta": args.beta,
+        "loss_type": list(args.loss_type),
+        "lora": peft_config is not None,
+        "final_dir": str(out / "final"),
+        "mlflow_run_id": run.info.run_id if run else None,
+    }
+    (out / "dpo_result.json").write_text(json.dumps(result, indent=2))
+    if run is not None:
+        import mlflow
+
+        numbers = {k: v for k, v in result.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and k != "steps"}
+        mlflow.log_metrics({f"result/{k}": float(v) for k, v in numbers.items()})
+        mlflow.log_params({"dpo.beta": args.beta, "dpo.loss_type": ",".join(args.loss_type),
+                           "dpo.model_dir": model_dir})
+        mlflow.flush_async_logging()
+        mlflow.end_run()
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="TRL DPO of the SFT model")
+    parser.add_argument("--config", required=True, help="path to the JSON run config")
+    main(parser.parse_args().config)
