@@ -28,13 +28,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from examples.news_topics.build_warehouse import read_articles
 from training.launch import OFFLINE_ENV, launch_sft, parse_progress
 
 PROMPT = "Title: {title}\nLead: {body:.300}\nTopic:"
 
 # The bare script: the same tokenizer/model factories, the same SFTConfig numbers as
-# training/sft.py, one process, no accelerate launch, no MLflow, no saving.
+# training/sft.py, one process, no accelerate launch, no MLflow, no saving. On a GPU
+# (bench/train_throughput.py) it honours the config's packing and bf16 too.
 BARE_SCRIPT = r"""
 import json, sys, time
 import datasets, torch, transformers
@@ -60,6 +60,8 @@ model = build_tiny_model(
     tokenizer, hidden_size=tiny["hidden_size"], num_layers=tiny["num_layers"],
     num_heads=tiny["num_heads"], intermediate_size=tiny["intermediate_size"],
     max_position_embeddings=tiny["max_position_embeddings"], seed=int(cfg["seed"]),
+    architecture=tiny.get("architecture", "llama"), num_kv_heads=tiny.get("num_kv_heads"),
+    model_vocab_size=tiny.get("model_vocab_size"),
 )
 steps = int(cfg["max_steps"])
 args = SFTConfig(
@@ -72,8 +74,9 @@ args = SFTConfig(
     max_length=int(cfg["max_length"]),
     seed=int(cfg["seed"]),
     data_seed=int(cfg["seed"]),
-    bf16=False,
-    use_cpu=True,
+    bf16=cfg.get("bf16") == "on",
+    use_cpu=not torch.cuda.is_available(),
+    packing=bool(cfg.get("packing")),
     **no_activation_checkpointing(),
     logging_steps=max(1, min(10, steps // 10)),
     save_strategy="no",
@@ -94,6 +97,8 @@ print("BARE_RESULT " + json.dumps({
 
 
 def write_examples(path: Path, n: int, seed: int) -> int:
+    from examples.news_topics.build_warehouse import read_articles  # the corpus, not on a GPU box
+
     rows = read_articles()
     chosen = random.Random(seed).sample(rows, min(n, len(rows)))  # topics mixed, not in order
     with path.open("w") as f:
@@ -103,14 +108,14 @@ def write_examples(path: Path, n: int, seed: int) -> int:
     return len(chosen)
 
 
-def run_posttrain(config: dict, run_dir: Path, steps: int) -> dict:
+def run_posttrain(config: dict, run_dir: Path, steps: int, profile: str = "cpu") -> dict:
     def show(line: str) -> None:
         p = parse_progress(line)
         if p and "loss" in p and p["step"] % max(1, steps // 3) == 0:
             print(f"    step {p['step']}/{p['max_steps']} loss {p['loss']:.3f}", flush=True)
 
     started = time.perf_counter()
-    result = launch_sft(config, run_dir, "cpu", on_line=show)
+    result = launch_sft(config, run_dir, profile, on_line=show)
     wall = time.perf_counter() - started
     return {
         "num_tokens": result["num_tokens"],

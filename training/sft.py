@@ -210,6 +210,11 @@ def main(config_path: str) -> dict:
     )
     trainer.remove_callback(PrinterCallback)  # ProgressPrinter says it once, parseably
     rank0 = trainer.is_world_process_zero()
+    attention = getattr(trainer.model.config, "_attn_implementation", None)
+    if args.packing and rank0 and "flash" not in str(attention):
+        print(f"warning: packing with {attention} attention: a padding-free batch is one long "
+              "sequence, so attention costs grow with its square (bench/RESULTS.md); install "
+              "flash-attn for varlen kernels, or turn packing off")
     trainable_parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     # packed rows hold several examples (BFD truncates an overlong one instead of dropping it)
     n_dropped = 0 if args.packing else len(train) - len(trainer.train_dataset)
