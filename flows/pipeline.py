@@ -1,13 +1,15 @@
 """The post-training flow, read top to bottom.
 
     spec ─> plan slices ─map─> one sub-agent per slice ─> gates ─> example store
-      registry <─ promote? <─ evaluate <─ train (TRL SFT via Accelerate) <─ curate
+      curate ─> tune? (mapped trials) ─> SFT ─> preference pairs + DPO? ─> evaluate
+      ─> approval? ─> registry (champion alias)
 
 Each stage is a Prefect task wrapping a plain function from its room (`flows/` for data,
 `agents/` for the sub-agents, `training/` for learning). Prefect state carries only small
 descriptors (slice queries, file paths, figures), never rows. Everything a run produces
 lives under its out folder: the example store, the curated dataset, the models, logs and
-summary.json; MLflow holds the parent run, the training child run and the registry.
+summary.json; MLflow holds the parent run, a child run per training job and trial, and the
+registry.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ from agents.skills import load_skill
 from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
+from flows.approval import ask_approval
 from flows.generation import generate, held_out_prompts, rebalance
+from flows.preferences import train_dpo, write_pairs
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, check_keys
 from flows.spec import Spec, load_spec
 from flows.store import Store, shared_store
+from flows.train_configs import sft_config
+from flows.tuning import default_config, tune
 from flows.warehouse import (
     SliceDescriptor,
     fetch_eval_rows,
@@ -115,43 +121,36 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
                                                  target) if target else None}
 
 
-# ── 4. train ────────────────────────────────────────────────────────────────────────────────
+# ── 4. tune (flows/tuning.py), then train ───────────────────────────────────────────────────
 @task(name="train-sft", cache_policy=NO_CACHE)
 def train(spec: Spec, dataset: dict, out_dir: Path, mlflow_uri: str, mlflow_run_id: str,
-          progress_id: str) -> dict:
-    progress = Progress.get(progress_id)
-    t = spec.training
-    config = {
-        "train_file": dataset["path"],
-        "output_dir": str(out_dir / "model"),
-        "tiny": spec.student.tiny.model_dump(),
-        "seed": spec.student.seed,
-        "max_steps": t.max_steps,
-        "learning_rate": t.learning_rate,
-        "batch_size": t.batch_size,
-        "lr_scheduler": t.lr_scheduler,
-        "warmup_ratio": t.warmup_ratio,
-        "max_length": t.max_length,
-        "threads": t.threads,
-        "mlflow": {"tracking_uri": mlflow_uri, "experiment": spec.tracking.experiment,
-                   "parent_run_id": mlflow_run_id, "run_name": f"{spec.name}-sft"},
-    }
-    return launch_sft(config, out_dir / "model", profile=t.accelerate_profile,
-                      on_line=progress.training_line)
+          progress_id: str, settings: dict | None = None) -> dict:
+    """TRL SFT via Accelerate on the curated data, with the tune stage's chosen settings."""
+    config = sft_config(
+        spec, train_file=dataset["path"], output_dir=str(out_dir / "model"),
+        max_steps=spec.training.max_steps, settings=settings,
+        mlflow={"tracking_uri": mlflow_uri, "parent_run_id": mlflow_run_id,
+                "run_name": f"{spec.name}-sft"})
+    return launch_sft(config, out_dir / "model", profile=spec.training.accelerate_profile,
+                      on_line=Progress.get(progress_id).training_line)
 
 
 # ── 5. evaluate ─────────────────────────────────────────────────────────────────────────────
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str) -> dict:
-    """Base, trained and current champion models on the same held-out rows; the trained
-    model's per-label report and confusion matrix go to out/eval/ and the parent run."""
+def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
+             sft_dir: Path | None = None) -> dict:
+    """Base, final (after DPO when it ran), SFT-only and current champion models on the same
+    held-out rows; the final model's per-label report and confusion matrix go to out/eval/
+    and the parent run."""
     rows = fetch_eval_rows(spec, shared_engine(spec.warehouse.url))
     prompts = [render_prompt(spec, r) for r in rows]
     gold = [str(r[spec.task.gold_column]) for r in rows]
     labels = spec.task.labels
     kw = {"labels": labels, "max_new_tokens": spec.evaluation.max_new_tokens}
     base = evaluate_classifier(str(out_dir / "model" / "base"), prompts, gold, **kw)
-    final = evaluate_classifier(str(out_dir / "model" / "final"), prompts, gold, **kw)
+    final = evaluate_classifier(str(final_dir), prompts, gold, **kw)
+    sft = (evaluate_classifier(str(sft_dir), prompts, gold, **kw)
+           if sft_dir and Path(sft_dir) != Path(final_dir) else final)
     # the champion is judged on these very rows, not by the figure it got on its own
     champion_v = champion_version(spec.tracking.registered_model)
     champion_dir = champion_model_dir(spec.tracking.registered_model, out_dir / "champion")
@@ -160,7 +159,7 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str) -> dict:
     # context for the base model's figure: always answering the commonest gold label
     majority = max(Counter(gold).values()) / len(gold) if gold else 0.0
     (out_dir / "eval.json").write_text(json.dumps(
-        {"base": base, "final": final, "champion": champion,
+        {"base": base, "sft": sft, "final": final, "champion": champion,
          "champion_version": champion_v, "majority_baseline": majority}, indent=2))
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -174,31 +173,46 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str) -> dict:
     for name in ("per_label.md", "confusion_matrix.png"):
         client.log_artifact(mlflow_run_id, str(eval_dir / name), "eval")
     get_run_logger().info(
-        "held-out accuracy: base %.3f -> trained %.3f (macro-F1 %.3f) on %d rows; %s",
-        base["accuracy"], final["accuracy"], final["macro_f1"], len(rows),
+        "held-out accuracy: base %.3f -> SFT %.3f -> final %.3f (macro-F1 %.3f) on %d rows; %s",
+        base["accuracy"], sft["accuracy"], final["accuracy"], final["macro_f1"], len(rows),
         f"champion v{champion_v} {champion['accuracy']:.3f}" if champion
         else "no champion")
-    return {"n": len(rows), "base": base, "final": final, "champion": champion,
+    return {"n": len(rows), "base": base, "sft": sft, "final": final, "champion": champion,
             "majority_baseline": majority}
 
 
-# ── 6. promote ──────────────────────────────────────────────────────────────────────────────
-@task(name="register-and-promote", cache_policy=NO_CACHE)
-def promote(spec: Spec, out_dir: Path, mlflow_run_id: str, metrics: dict, tags: dict,
-            ev: dict) -> dict:
-    """Register the trained model, then move `champion` to it only if the spec's rule says
-    it beats the champion on this run's held-out rows."""
-    rule = spec.evaluation.promotion
-    version = register_model(str(out_dir / "model" / "final"), mlflow_run_id,
-                             spec.tracking.registered_model, metrics=metrics, tags=tags)
-    decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
-                                min_improvement=rule.min_improvement,
-                                max_label_drop=rule.max_label_drop)
+# ── 6. register, decide, (ask a person), promote ─────────────────────────────────────────
+@task(name="register-model", cache_policy=NO_CACHE)
+def register(spec: Spec, final_dir: Path, mlflow_run_id: str, metrics: dict, tags: dict) -> str:
+    return register_model(str(final_dir), mlflow_run_id, spec.tracking.registered_model,
+                          metrics=metrics, tags=tags)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(spec: Spec, version: str, decision: dict) -> dict:
+    """Move `champion` to `version` if `decision` says so; tag the version with the reason."""
     result = promote_model(spec.tracking.registered_model, version, decision)
     get_run_logger().info("registered %s v%s; champion %s: %s", spec.tracking.registered_model,
                           version, "moved to it" if result["promoted"] else "unchanged",
                           result["reason"])
     return {"model_version": version, **result}
+
+
+def decide(spec: Spec, version: str, ev: dict, mlflow_run_id: str) -> tuple[dict, dict | None]:
+    """The spec's rule on this run's held-out rows, then a person's answer when it asks one."""
+    rule = spec.evaluation.promotion
+    decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
+                                min_improvement=rule.min_improvement,
+                                max_label_drop=rule.max_label_drop)
+    if not (decision["promote"] and rule.require_approval):
+        return decision, None
+    champion = (f"champion {ev['champion'][rule.metric]:.3f}" if ev["champion"]
+                else "no champion yet")
+    question = (f"Promote {spec.tracking.registered_model} v{version} to champion? "
+                f"{rule.metric} {ev['final'][rule.metric]:.3f} vs {champion} on {ev['n']} "
+                f"held-out rows; rule: {decision['reason']}. MLflow run {mlflow_run_id}.")
+    approval = ask_approval(question, timeout_s=rule.approval_timeout_minutes * 60)
+    return approval.applied_to(decision), approval.as_dict()
 
 
 def _skills(spec: Spec) -> str:
@@ -295,28 +309,54 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         dataset = curate(spec, spec_path, store_url, run_id, out, mlflow_run_id)
         stage_seconds["curate"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        progress.start("train", "training (TRL SFT via accelerate)", spec.training.max_steps)
-        train_result = train(spec, dataset, out, mlflow_uri, mlflow_run_id, progress.id)
-        progress.stop("train")
-        stage_seconds["train"] = time.perf_counter() - t
+        tuned = None
+        if spec.tuning.enabled:  # short mapped trials; the best by validation loss goes on
+            t = time.perf_counter()
+            tuned = tune(spec, dataset, settings, out, mlflow_uri, mlflow_run_id, progress.id)
+            stage_seconds["tune"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ev = evaluate(spec, out, mlflow_run_id)
+        progress.start("train", "training (TRL SFT via accelerate)", spec.training.max_steps)
+        train_result = train(spec, dataset, out, mlflow_uri, mlflow_run_id, progress.id,
+                             settings=tuned["chosen_config"] if tuned else None)
+        progress.stop("train")
+        stage_seconds["train"] = time.perf_counter() - t
+        sft_dir = final_dir = Path(train_result["final_dir"])
+
+        pairs = dpo = None
+        if spec.dpo.enabled:  # agents write preference pairs; DPO starts from the SFT model
+            t = time.perf_counter()
+            pairs = write_pairs(spec, dataset, settings, store_url, run_id, out, mlflow_run_id)
+            stage_seconds["pairs"] = time.perf_counter() - t
+            t = time.perf_counter()
+            progress.start("train", "preference training (TRL DPO via accelerate)",
+                           spec.dpo.max_steps)
+            dpo = train_dpo(spec, pairs, sft_dir, out, mlflow_uri, mlflow_run_id, progress.id)
+            progress.stop("train")
+            final_dir = Path(dpo["final_dir"])
+            stage_seconds["dpo"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ev = evaluate(spec, out, mlflow_run_id, final_dir, sft_dir)
         stage_seconds["evaluate"] = time.perf_counter() - t
         metrics = {"accuracy": ev["final"]["accuracy"], "macro_f1": ev["final"]["macro_f1"],
-                   "base_accuracy": ev["base"]["accuracy"]}
+                   "base_accuracy": ev["base"]["accuracy"], "sft_accuracy": ev["sft"]["accuracy"],
+                   **({"dpo_reward_accuracy": dpo["reward_accuracy"]} if dpo else {})}
         tracking.log_metrics(client, mlflow_run_id, metrics)
 
         calls = store.call_totals(run_id)
         t = time.perf_counter()
-        decision = promote(spec, out, mlflow_run_id, metrics, tags={
+        version = register(spec, final_dir, mlflow_run_id, metrics, tags={
             "posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
             "posttrain.dataset_sha256": dataset["sha256"],
+            **({"posttrain.pairs_sha256": pairs["sha256"]} if pairs else {}),
+            "posttrain.stages": "sft+dpo" if dpo else "sft",
             "posttrain.cost_usd": f"{calls['cost_usd']:.4f}",
             "posttrain.skills": _skills(spec), "posttrain.git_commit": git_commit(),
             "posttrain.parent_run_id": mlflow_run_id,
-        }, ev=ev)
+        })
+        verdict, approval = decide(spec, version, ev, mlflow_run_id)
+        decision = {**promote(spec, version, verdict), "approval": approval}
         stage_seconds["promote"] = time.perf_counter() - t
 
         misuse: Counter = Counter()
@@ -358,6 +398,16 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "eval_copies_dropped": dataset["eval_copies"],
             "quota_trimmed": dataset["quota_trimmed"],
             "train_loss": train_result.get("train_loss"),
+            "tuning_trials": [{k: t[k] for k in ("trial", "source", "config", "eval_loss",
+                                                 "status")} for t in tuned["trials"]]
+            if tuned else [],
+            "chosen_config": tuned["chosen_config"] if tuned else default_config(spec),
+            "tuning_beats_default": tuned["beats_default"] if tuned else None,
+            "dpo_pairs": {"train": pairs["n_train"], "held_out": pairs["n_eval"],
+                          "rejected": pairs["rejected"]} if pairs else None,
+            "dpo_reward_accuracy": dpo["reward_accuracy"] if dpo else None,
+            "dpo_reward_margin": dpo["reward_margin"] if dpo else None,
+            "sft_accuracy": ev["sft"]["accuracy"],
             "eval_examples": ev["n"],
             "base_accuracy": ev["base"]["accuracy"],
             "majority_baseline": round(ev["majority_baseline"], 4),
@@ -369,6 +419,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "previous_champion_version": decision.get("previous_champion_version"),
             "champion_accuracy": ev["champion"]["accuracy"] if ev["champion"] else None,
             "promotion_reason": decision["reason"],
+            "approval": decision["approval"],
             "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
             "wall_seconds": round(time.perf_counter() - started, 2),
         }

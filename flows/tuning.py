@@ -43,6 +43,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from agents.skills import load_skill
 from agents.tuner import clamp_config, propose
+from flows import train_configs
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
 from flows.spec import Spec
@@ -103,33 +104,15 @@ def _bounds(spec: Spec) -> dict[str, tuple[float, float]]:
 
 def sft_config(spec: Spec, trial: int, config: dict, split: dict, run_dir: Path,
                mlflow_uri: str, mlflow_run_id: str) -> dict:
-    """The training.sft config of one trial: the final SFT's keys (flows/pipeline.py train(),
-    training/sft.py's docstring), with the trial's settings, the short budget and the
-    validation file."""
-    t = spec.training
-    return {
-        "train_file": split["train_path"],
-        "eval_file": split["validation_path"],
-        "output_dir": str(run_dir),
-        "model": {"source": spec.student.source, "name_or_path": spec.student.name_or_path},
-        "tiny": spec.student.tiny.model_dump(),
-        "seed": spec.student.seed,
-        "max_steps": spec.tuning.max_steps,
-        "learning_rate": float(config["learning_rate"]),
-        "batch_size": int(config["batch_size"]),
-        "lr_scheduler": t.lr_scheduler,
-        "warmup_ratio": float(config["warmup_ratio"]),
-        "max_length": t.max_length,
-        "threads": t.threads,
-        "lora": {**t.lora.model_dump(), "r": int(config["lora_r"])},
-        "packing": t.packing,
-        "bf16": t.bf16,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "liger": t.liger,
-        "mlflow": {"tracking_uri": mlflow_uri, "experiment": spec.tracking.experiment,
-                   "parent_run_id": mlflow_run_id, "run_name": f"{spec.name}-trial-{trial}",
-                   "tags": _trial_tags(spec, trial, config)},
-    }
+    """The training.sft config of one trial: the final SFT's (flows/train_configs.py) with the
+    trial's settings, the short budget and the validation file."""
+    return train_configs.sft_config(
+        spec, train_file=split["train_path"], eval_file=split["validation_path"],
+        output_dir=str(run_dir), max_steps=spec.tuning.max_steps, settings=config,
+        mlflow={"tracking_uri": mlflow_uri, "parent_run_id": mlflow_run_id,
+                "run_name": f"{spec.name}-trial-{trial}",
+                "tags": _trial_tags(spec, trial, config)},
+    )
 
 
 def _trial_tags(spec: Spec, trial: int, config: dict) -> dict[str, str]:
