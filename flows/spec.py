@@ -238,6 +238,17 @@ class Generation(_Strict):
     max_nudges: int = Field(
         2, ge=0, description="Times an agent that stops early is told rows remain."
     )
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="Where sub-agent tasks run: threads in the flow's process, or a "
+        "Dask cluster (each worker process has its own budget and rate limiter)."
+    )
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address like tcp://host:8786; null with task_runner "
+        "dask = a local cluster of processes started for the run."
+    )
+    dask_workers: int = Field(
+        2, ge=1, description="Worker processes of the local Dask cluster (no dask_address)."
+    )
 
 
 class Distribution(_Strict):
