@@ -2,6 +2,10 @@
 
     posttrain validate SPEC              ok, or one line per problem (exit 2)
     posttrain run SPEC [--out DIR]       the whole pipeline as one Prefect flow
+    posttrain runs [--root DIR]          past runs from the example stores, with outcomes
+    posttrain deploy [--timezone TZ]     register post-training/nightly (prefect.yaml)
+    posttrain serve [--timezone TZ]      serve that deployment, schedule included
+    posttrain ui                         Prefect server and MLflow UI on 127.0.0.1
     posttrain teacher --port P --warehouse URL [...]   the simulated teacher, standalone
 """
 
@@ -65,6 +69,63 @@ def _print_summary(summary: dict, out: Path) -> None:
                   f"   (run {summary['mlflow_run_id']})")
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.store import Store
+
+    urls = [args.store] if args.store else [
+        f"sqlite:///{p.resolve()}" for p in sorted(Path(args.root).glob("**/store.db"))]
+    table = Table(title=f"posttrain runs ({args.store or args.root})")
+    for column in ("started", "run", "spec", "status", "accuracy", "SFT", "DPO reward acc",
+                   "version", "promoted", "cost $", "folder"):
+        table.add_column(column)
+    rows = []
+    for url in urls:
+        store = Store(url)
+        try:
+            rows += [(run, url) for run in store.list_runs()]
+        finally:
+            store.close()
+    rows.sort(key=lambda r: r[0]["started_at"] or "", reverse=True)
+    for run, url in rows[: args.limit]:
+        s = run["summary"] or {}
+        status = run["status"] + (f" ({s['reason'][:60]})" if run["status"] == "skipped" else "")
+        table.add_row(
+            (run["started_at"] or "")[:19].replace("T", " "), run["id"][:8], run["name"], status,
+            _fmt(s.get("accuracy")), _fmt(s.get("sft_accuracy")),
+            _fmt(s.get("dpo_reward_accuracy")), str(s.get("model_version") or ""),
+            {True: "yes", False: "no"}.get(s.get("promoted"), ""), _fmt(s.get("cost_usd")),
+            str(Path(url.removeprefix("sqlite:///")).parent) if url.startswith("sqlite") else url)
+    Console().print(table if rows else f"no runs under {args.store or args.root}")
+    return 0
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    return deploy(pool=args.pool, timezone=args.timezone)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(timezone=args.timezone)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.ui import run_uis
+
+    return run_uis(mlflow_uri=args.mlflow_uri, prefect_port=args.prefect_port,
+                   mlflow_port=args.mlflow_port)
+
+
 def cmd_teacher(args: argparse.Namespace) -> int:
     from agents.teacher import TeacherConfig, TeacherKnobs, serve_forever
 
@@ -114,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--out", default="runs/latest", help="run folder (summary.json goes here)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("runs", help="list past runs from the example stores with their outcome")
+    p.add_argument("--root", default="runs", help="folder searched for */store.db")
+    p.add_argument("--store", help="one example store URL instead (e.g. postgresql://...)")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("deploy", help="register the post-training/nightly deployment "
+                       "(prefect.yaml) on a process work pool")
+    p.add_argument("--pool", help="work pool (default: prefect.yaml's, created if missing)")
+    p.add_argument("--timezone", help="schedule timezone, e.g. Europe/Paris (default: "
+                   "prefect.yaml's)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("serve", help="serve post-training/nightly from this process")
+    p.add_argument("--timezone", help="schedule timezone (default: prefect.yaml's)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="start the Prefect server and the MLflow UI on 127.0.0.1")
+    p.add_argument("--mlflow-uri", help="MLflow backend store (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///runs/mlflow.db)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("teacher", help="serve the simulated teacher (OpenAI and Anthropic "
                        "wire formats)")

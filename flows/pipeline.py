@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -34,6 +35,7 @@ from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
 from flows.approval import ask_approval
 from flows.generation import generate, held_out_prompts, rebalance
+from flows.overrides import pin_overrides
 from flows.preferences import train_dpo, write_pairs
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, check_keys
@@ -43,6 +45,7 @@ from flows.train_configs import sft_config
 from flows.tuning import default_config, tune
 from flows.warehouse import (
     SliceDescriptor,
+    data_fingerprint,
     fetch_eval_rows,
     plan_slices,
     render_prompt,
@@ -223,21 +226,58 @@ def _skills(spec: Spec) -> str:
 
 # ── the flow ────────────────────────────────────────────────────────────────────────────────
 @flow(name="post-training", log_prints=True)
-def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
-    """Spec -> slices -> sub-agents -> gates -> store -> curate -> SFT -> evaluate -> registry."""
+def post_training(
+    spec_path: str = "examples/news_topics/spec.yaml",
+    out_dir: str = "runs/latest",
+    only_if_new_data: bool = False,
+    generator_api: Literal["openai", "anthropic"] | None = None,
+    generator_model: str | None = None,
+    generator_endpoint: str | None = None,
+    budget_usd: float | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    """Spec -> slices -> sub-agents -> gates -> store -> curate -> tune? -> SFT -> DPO? ->
+    evaluate -> approval? -> registry.
+
+    Args:
+        spec_path: The spec YAML (relative to the worker's working directory).
+        out_dir: Run folder: example store, datasets, models, summary.json.
+        only_if_new_data: Stop early when the warehouse is unchanged since the champion was
+            trained (nightly runs).
+        generator_api: Override llm.generator.api (openai or anthropic wire format).
+        generator_model: Override llm.generator.model, e.g. MiniMax-M2.5.
+        generator_endpoint: Override llm.generator.endpoint: a base URL, or simulated.
+        budget_usd: Override llm.budget.max_usd: new LLM calls stop past this cost.
+        max_steps: Override training.max_steps of the final SFT.
+    """
     os.environ.update(OFFLINE_ENV)
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
-    spec_path = str(Path(spec_path).resolve())
+    out = Path(out_dir).resolve()
+    spec_path = str(pin_overrides(Path(spec_path).resolve(), out, {
+        "llm.generator.api": generator_api, "llm.generator.model": generator_model,
+        "llm.generator.endpoint": generator_endpoint, "llm.budget.max_usd": budget_usd,
+        "training.max_steps": max_steps}).resolve())
     spec = load_spec(spec_path)
     check_keys(spec)  # a missing API key is one clear error before any work starts
-    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
     store = shared_store(store_url)
     mlflow_uri = tracking.tracking_uri(spec.tracking.uri, out)
     mlflow.set_tracking_uri(mlflow_uri)  # also sets $MLFLOW_TRACKING_URI for subprocesses
     client = MlflowClient(mlflow_uri)
+    fingerprint = data_fingerprint(spec, shared_engine(spec.warehouse.url))
+    if only_if_new_data:
+        unchanged = unchanged_since_champion(client, spec, fingerprint)
+        if unchanged:
+            print(unchanged)
+            summary = {"skipped": True, "reason": unchanged, "data_fingerprint": fingerprint,
+                       "model_name": spec.tracking.registered_model, "promoted": False,
+                       "wall_seconds": round(time.perf_counter() - started, 2)}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            skipped = store.start_run(spec.name, spec.content_hash(), spec.model_dump_json())
+            store.finish_run(skipped, "skipped", summary)
+            return summary
     experiment_id = tracking.ensure_experiment(client, spec.tracking.experiment, out)
     progress = Progress.create()
 
@@ -349,6 +389,7 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         version = register(spec, final_dir, mlflow_run_id, metrics, tags={
             "posttrain.run_id": run_id, "posttrain.spec_hash": spec.content_hash(),
             "posttrain.dataset_sha256": dataset["sha256"],
+            "posttrain.data_fingerprint": fingerprint,
             **({"posttrain.pairs_sha256": pairs["sha256"]} if pairs else {}),
             "posttrain.stages": "sft+dpo" if dpo else "sft",
             "posttrain.cost_usd": f"{calls['cost_usd']:.4f}",
@@ -369,6 +410,8 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
             "teacher": "simulated" if simulated else "real",
             "llm": teacher_tag,
             "resumed": bool(previous),
+            "skipped": False,
+            "data_fingerprint": fingerprint,
             "slices": len(slices),
             "topup_slices": balance["topup_slices"],
             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
@@ -438,6 +481,19 @@ def post_training(spec_path: str, out_dir: str = "runs/latest") -> dict:
         if (out / "transcripts").is_dir():
             client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
         return summary
+
+
+def unchanged_since_champion(client: MlflowClient, spec: Spec, fingerprint: str) -> str | None:
+    """Why this run can stop early (the champion was trained on exactly this warehouse data),
+    or None when there is no champion or the data changed."""
+    version = champion_version(spec.tracking.registered_model)
+    if version is None:
+        return None
+    tags = client.get_model_version(spec.tracking.registered_model, str(version)).tags
+    if tags.get("posttrain.data_fingerprint") != fingerprint:
+        return None
+    return (f"No new data since champion v{version} of {spec.tracking.registered_model} "
+            f"(warehouse fingerprint {fingerprint}, rows:hash): nothing to retrain, stopping.")
 
 
 def _close_run(client: MlflowClient, mlflow_run_id: str, store: Store, run_id: str,

@@ -22,7 +22,7 @@ from typing import Any, Self
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-RUN_STATUSES = ("running", "completed", "failed")
+RUN_STATUSES = ("running", "completed", "failed", "skipped")
 SLICE_STATUSES = ("pending", "running", "done", "failed")
 EXAMPLE_STATUSES = ("accepted", "rejected")
 CALL_STATUSES = ("ok", "error")

@@ -103,6 +103,20 @@ def _q(engine: Engine | Connection, name: str) -> str:
     return engine.dialect.identifier_preparer.quote(name)
 
 
+# ── has the data changed? ────────────────────────────────────────────────────────────────────
+def data_fingerprint(spec: Spec, engine: Engine) -> str:
+    """`rows:hexsum`: the row count and the sum of a hash of every row's allow-listed and gold
+    columns. Rows added, removed or edited change it (barring a 32-bit hash collision that
+    also balances the sum); the order rows are stored in does not. One full scan."""
+    columns = [*spec.allowed_columns, spec.task.gold_column]
+    row = " || '|' || ".join(f"COALESCE(CAST({_q(engine, c)} AS TEXT), '')" for c in columns)
+    sql = (f"SELECT count(*), COALESCE(sum({hash_sql(engine, row)}), 0) "
+           f"FROM {_q(engine, spec.slicing.table)}")
+    with engine.connect() as conn:
+        n, total = conn.execute(sa.text(sql)).one()
+    return f"{int(n)}:{int(total):x}"
+
+
 # ── the evaluation holdout ───────────────────────────────────────────────────────────────────
 def _holdout_cut(spec: Spec) -> int:
     return round(spec.evaluation.holdout_fraction * HASH_MODULUS)
