@@ -472,6 +472,9 @@ def publish_reports(spec: Spec, summary: dict, out_dir: Path, mlflow_client: Mlf
         attempt("plot tuning trials", trials_plot)
     plot_links = {p.removeprefix("plots/").removesuffix(".png").replace("_", " "):
                   artifact_url(ui, mlflow_run_id, p) for p in result["plots"]}
+    if (out_dir / "eval" / "confusion_matrix.png").is_file():  # logged by the evaluate stage
+        plot_links["confusion matrix"] = artifact_url(ui, mlflow_run_id,
+                                                      "eval/confusion_matrix.png")
 
     # the summary page: a file on the run and the run's description
     markdown = summary_markdown(spec, summary, stages, table, evaluation, links, plot_links,
