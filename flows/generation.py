@@ -1,21 +1,44 @@
 """The generation stage: one sub-agent per slice, then targeted top-up for balance.
 
-`generate` maps `generate_slice` (a Prefect task, one per slice) over the slices on a thread
-pool of `generation.concurrency`; every agent shares the run's runtime (gateways, ledger,
-rate limits, judge). `rebalance` measures the accepted labels against the spec's target and
-sends top-up agents over the still-unlabelled rows for the under-represented labels.
+`generate` maps `generate_slice` (a Prefect task, one per slice) over the slices on the task
+runner the spec chooses (`generation.task_runner`, see `sub_agent_runner`). `rebalance`
+measures the accepted labels against the spec's target and sends top-up agents over the
+still-unlabelled rows for the under-represented labels.
+
+Where the agents run, and what they share:
+- `thread` (default): a thread pool of `generation.concurrency` in the flow's process. Every
+  agent shares one runtime (gateways, cost ledger, budget, each endpoint's AIMD rate limit,
+  judge) and the flow's progress bars.
+- `dask`: a Dask cluster, local (`dask_workers` processes started for the run, together
+  `concurrency` threads) or an existing one at `dask_address`. Only small descriptors cross
+  the process boundary (a `SliceDescriptor`, `RuntimeSettings`, the progress id, the wanted
+  labels; back comes the result dict); each worker process builds its own runtime with
+  `get_runtime(settings)`. So the budget (`llm.budget`) and the rate limiter are **per worker
+  process**: W workers may together spend up to W x max_usd and start W x the limiter's
+  rate against one endpoint. Every process writes to the one example store by its URL (the
+  SQLite store takes concurrent writers: WAL, busy timeout, `BEGIN IMMEDIATE`; prefer
+  PostgreSQL for many workers) and shares its call cache. A remote agent's progress shows
+  only when its task ends (the flow advances the bar by its accepted count). A cluster on
+  other hosts must reach the spec, out folder, store and LLM endpoints by the same paths
+  and URLs; the simulated teacher listens on the flow host's 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
+import socket
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.exceptions import MissingContextError
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from agents.gates import Gate
 from agents.loop import AgentConfig, run_agent
@@ -53,11 +76,11 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
         Progress.get(progress_id).advance("generate", previous["accepted"])
         return {"slice_id": descriptor.slice_id, "accepted": previous["accepted"],
                 "rejected": previous["rejected"], "stopped_reason": previous["stopped_reason"],
-                "resumed": True}
+                "resumed": True, "process": this_process()}
     store.clear_slice_examples(run_id, descriptor.slice_id)
     engine = shared_engine(spec.warehouse.url)
     agent = f"labeler/{descriptor.slice_id}"
-    progress = Progress.get(progress_id)
+    progress = Progress.get(progress_id)  # a no-op in a Dask worker: the bars live in the flow
     store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
     held_out = held_out_prompts(settings.spec_path)
 
@@ -109,15 +132,21 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
                        rejected=rejected, stopped_reason=result.stopped_reason)
     get_run_logger().info(
         "%s: %d accepted, %d rejected %s, %d revoked, %d calls, misuse %s, context max %d "
-        "tokens, stopped: %s", descriptor.slice_id, result.accepted, rejected,
-        dict(result.rejected), result.revoked, result.calls, result.misuse,
-        result.max_context_tokens, result.stopped_reason)
+        "tokens, stopped: %s; ran in process %s", descriptor.slice_id, result.accepted,
+        rejected, dict(result.rejected), result.revoked, result.calls, result.misuse,
+        result.max_context_tokens, result.stopped_reason, this_process())
     return {"slice_id": descriptor.slice_id, "accepted": result.accepted, "rejected": rejected,
             "revoked": result.revoked, "misuse": result.misuse, "reanchors": result.reanchors,
             "drift_alarm_call": result.drift_alarm_call,
             "drift_alarm_time": result.drift_alarm_time,
             "max_context_tokens": result.max_context_tokens,
-            "stopped_reason": result.stopped_reason, "resumed": False}
+            "stopped_reason": result.stopped_reason, "resumed": False,
+            "process": this_process()}
+
+
+def this_process() -> str:
+    """host:pid of the process running this code: where an agent ran."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @functools.cache
@@ -137,19 +166,80 @@ def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list
         json.dumps(redact(m), ensure_ascii=False, default=str) + "\n" for m in transcript))
 
 
+def sub_agent_runner(spec: Spec, concurrency: int | None = None) -> TaskRunner:
+    """The (unstarted) Prefect task runner the sub-agent tasks run on: use it as
+    `with sub_agent_runner(spec) as runner:` and pass it to `generate` / `rebalance` to share
+    one Dask cluster between the first pass and the top-up rounds.
+
+    thread: `concurrency` threads in this process. dask without an address: a LocalCluster of
+    min(dask_workers, concurrency) processes with ceil(concurrency / workers) threads each
+    (so at least `concurrency` agents at once); with `dask_address`: that cluster, whose own
+    threads set the concurrency. Budget and rate limits are per worker process (module doc).
+    """
+    g = spec.generation
+    concurrency = concurrency or g.concurrency
+    if g.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=concurrency)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise RuntimeError("generation.task_runner: dask needs the prefect-dask package "
+                           "(pip install prefect-dask), or set task_runner: thread") from None
+    log = _logger()
+    if g.dask_address:
+        if urlsplit(g.dask_address).hostname not in ("127.0.0.1", "localhost", "::1"):
+            if spec.store.url is None or spec.store.url.startswith("sqlite"):
+                log.warning("generation.dask_address %s: the example store is a SQLite file; "
+                            "workers on other hosts need store.url on a server (PostgreSQL)",
+                            g.dask_address)
+            if any(r.simulated for r in spec.llm.roles().values()):
+                log.warning("generation.dask_address %s: the simulated teacher listens on this "
+                            "host's 127.0.0.1; workers on other hosts cannot reach it",
+                            g.dask_address)
+        log.info("sub-agents on the Dask cluster at %s (budget and rate limits per worker "
+                 "process)", g.dask_address)
+        return DaskTaskRunner(address=g.dask_address)
+    workers = min(g.dask_workers, concurrency)
+    threads = -(-concurrency // workers)
+    log.info("sub-agents on a local Dask cluster: %d processes x %d threads (budget and rate "
+             "limits per process)", workers, threads)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": threads, "processes": True,
+        "dashboard_address": None})
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow (a test, a notebook)
+        return logging.getLogger(__name__)
+
+
 def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
-             concurrency: int, want_labels: list[str] | None = None) -> list[dict]:
-    """Map one agent task per slice, `concurrency` at a time."""
-    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        futures = runner.map(generate_slice, {
-            "descriptor": slices, "settings": unmapped(settings),
-            "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels)})
-        return [f.result() for f in futures]
+             concurrency: int, want_labels: list[str] | None = None,
+             runner: TaskRunner | None = None) -> list[dict]:
+    """Map one agent task per slice, `concurrency` at a time, on `runner` (started), or on a
+    runner of the spec's `generation.task_runner` made for this call. Results come back in
+    slice order."""
+    if runner is None:
+        with sub_agent_runner(load_spec(settings.spec_path), concurrency) as started:
+            return generate(slices, settings, progress_id, concurrency, want_labels, started)
+    futures = runner.map(generate_slice, {
+        "descriptor": slices, "settings": unmapped(settings),
+        "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels)})
+    here, progress = this_process(), Progress.get(progress_id)
+    for future in as_completed(list(futures)):
+        result = future.result()
+        if result.get("process") != here:  # another process could not move this one's bars
+            progress.advance("generate", result["accepted"])
+    return [f.result() for f in futures]
 
 
 def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
-              settings: RuntimeSettings, progress_id: str) -> dict:
-    """Measure the labels against the target; top up the under-represented ones."""
+              settings: RuntimeSettings, progress_id: str,
+              runner: TaskRunner | None = None) -> dict:
+    """Measure the labels against the target; top up the under-represented ones (on `runner`
+    when given, else on a runner of the spec's choice per round)."""
     labels = spec.task.labels
     target = distribution.target_shares(spec.distribution.target, labels)
 
@@ -180,7 +270,8 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
         get_run_logger().info("label TV %.3f > %.3f: top-up round %d for %s over %d slices",
                               tv, spec.distribution.tolerance, round_no, ", ".join(want),
                               len(jobs))
-        results += generate(jobs, settings, progress_id, spec.generation.concurrency, want)
+        results += generate(jobs, settings, progress_id, spec.generation.concurrency, want,
+                            runner)
         topups += len(jobs)
         counts, tv = measure()
     return {"tv_before": tv_before, "tv_after": tv, "topup_slices": topups,
