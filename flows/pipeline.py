@@ -34,10 +34,11 @@ from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
 from flows import distribution, tracking
 from flows.approval import ask_approval
-from flows.generation import generate, held_out_prompts, rebalance
+from flows.generation import generate, held_out_prompts, rebalance, sub_agent_runner
 from flows.overrides import pin_overrides
 from flows.preferences import train_dpo, write_pairs
 from flows.progress import Progress
+from flows.reporting import publish_reports
 from flows.runtime import RuntimeSettings, check_keys
 from flows.spec import Spec, load_spec
 from flows.store import Store, shared_store
@@ -339,8 +340,11 @@ def post_training(
 
         t = time.perf_counter()
         progress.start("generate", "sub-agents labelling rows", sum(s.row_count for s in slices))
-        agent_results = generate(slices, settings, progress.id, spec.generation.concurrency)
-        balance = rebalance(spec, store, run_id, slices, settings, progress.id)
+        with sub_agent_runner(spec) as runner:  # threads here, or a Dask cluster (spec)
+            agent_results = generate(slices, settings, progress.id,
+                                     spec.generation.concurrency, runner=runner)
+            balance = rebalance(spec, store, run_id, slices, settings, progress.id,
+                                runner=runner)
         agent_results += balance.pop("topup_results")
         progress.stop("generate")
         stage_seconds["generate"] = time.perf_counter() - t
@@ -413,6 +417,7 @@ def post_training(
             "skipped": False,
             "data_fingerprint": fingerprint,
             "slices": len(slices),
+            "agent_processes": sorted({r["process"] for r in agent_results if r.get("process")}),
             "topup_slices": balance["topup_slices"],
             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
                                if r["stopped_reason"] != "completed"},
@@ -478,6 +483,9 @@ def post_training(
                else {}),
         })
         client.log_artifact(mlflow_run_id, str(out / "summary.json"))
+        # Prefect artifacts (summary, slices, plots) and MLflow pages (plots, model card)
+        publish_reports(spec, summary, out, client, mlflow_run_id, slices, balance,
+                        train_result, dpo, tuned)
         if (out / "transcripts").is_dir():
             client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
         return summary

@@ -27,10 +27,13 @@ def tracking_uri(spec_uri: str | None, out_dir: Path) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, out_dir: Path) -> str:
-    """Experiment id; a new experiment stores artifacts beside the tracking database."""
+    """Experiment id; a new experiment stores artifacts beside a local tracking database, or
+    where a tracking server puts them (its artifact store: never this machine's disk)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if client.tracking_uri.startswith(("http://", "https://", "databricks")):
+        return client.create_experiment(name)
     artifacts = (out_dir.resolve().parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 

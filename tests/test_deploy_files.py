@@ -409,17 +409,16 @@ def test_multi_node_profile_is_a_multi_machine_ddp_config():
     assert config.num_machines == 2 and config.main_process_port == 29500
 
 
-def test_multi_node_profile_is_refused_without_gpus(monkeypatch):
+def test_multi_node_profile_is_refused_by_the_pipeline_launcher():
+    """One process cannot start the ranks on other machines: the launcher refuses the profile
+    on any machine, GPUs or not, and points at the per-node commands."""
     from training.launch import ProfileUnavailable, num_processes_for
 
-    message = "profile multi_node needs CUDA GPUs; none visible: use cpu or cpu_ddp"
-    with pytest.raises(ProfileUnavailable) as err:
-        num_processes_for("multi_node", {}, gpus=0)
-    assert err.value.reason == message
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine, whatever it has: none visible
-    with pytest.raises(ProfileUnavailable) as err:
-        num_processes_for("multi_node", {})
-    assert err.value.reason == message
+    for gpus in (0, 8):
+        with pytest.raises(ProfileUnavailable) as err:
+            num_processes_for("multi_node", {}, gpus=gpus)
+        assert "spans 2 machines" in err.value.reason
+        assert "docs/scaling.md" in err.value.reason
 
 
 def test_the_documented_multi_node_commands_parse():

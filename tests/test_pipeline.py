@@ -19,6 +19,8 @@ DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "sp
 def tiny_spec(warehouse_url: str, tmp: Path, **training) -> Path:
     data = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
     data["warehouse"]["url"] = warehouse_url
+    data["llm"].pop("tuner", None)  # tuning and DPO have their own test (test_pipeline_stages)
+    data["tuning"]["enabled"] = data["dpo"]["enabled"] = False
     data["slicing"]["max_rows_per_slice"] = 40
     data["generation"].update(concurrency=3, page_size=20)
     data["student"]["tiny"] = {"hidden_size": 64, "num_layers": 1, "num_heads": 2,
@@ -174,3 +176,27 @@ def test_prefect_recorded_one_task_run_per_slice(two_runs):
     names = [t.name for t in tasks]
     assert sum(n.startswith("agent ") for n in names) == first["slices"]
     assert any(n.startswith("train-sft") for n in names)
+
+
+def test_a_nightly_run_without_new_data_stops_early(two_runs, small_warehouse_url, tmp_path):
+    """The champion (v1) was trained on this very warehouse: a run asked to train only on new
+    data says so, records the skip and trains nothing; changed data would go ahead."""
+    from flows.pipeline import post_training, unchanged_since_champion
+    from flows.spec import load_spec
+    from flows.store import Store
+
+    tmp, first, _ = two_runs
+    spec_path = min(tmp.glob("spec-*.yaml"))
+    summary = post_training(spec_path=str(spec_path), out_dir=str(tmp / "run3"),
+                            only_if_new_data=True, budget_usd=5.0)
+    assert summary["skipped"] is True and summary["promoted"] is False
+    assert summary["reason"].startswith("No new data since champion v1 ")
+    assert summary["data_fingerprint"] == first["data_fingerprint"]
+    assert not (tmp / "run3" / "model").exists()
+    assert (tmp / "run3" / "spec.pinned.yaml").is_file()  # the override was pinned
+    store = Store(f"sqlite:///{tmp / 'run3' / 'store.db'}")
+    assert [r["status"] for r in store.list_runs()] == ["skipped"]
+    store.close()
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    spec = load_spec(spec_path)
+    assert unchanged_since_champion(client, spec, "1:0") is None  # other data: train

@@ -97,7 +97,7 @@ BROKEN = {
     "unknown_accelerate_profile": (
         lambda d: d["training"].update(accelerate_profile="tpu"),
         [("training.accelerate_profile: must be one of cpu, cpu_ddp, deepspeed_zero3, fsdp, "
-         "multi_gpu, single_gpu, got 'tpu'")],
+         "multi_gpu, multi_node, single_gpu, got 'tpu'")],
     ),
     "holdout_out_of_range": (
         lambda d: d["evaluation"].update(holdout_fraction=1.5),

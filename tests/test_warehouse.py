@@ -4,6 +4,7 @@ real BBC articles: the hash, the holdout, slice planning and trusted row lookups
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -250,3 +251,29 @@ def test_postgres_matches_sqlite(small_warehouse_url, pg_schema_url):
     finally:
         pg.dispose()
         lite.dispose()
+
+
+def test_data_fingerprint_changes_with_rows_added_edited_or_removed(tmp_path):
+    import shutil
+
+    from examples.news_topics.build_warehouse import build
+    from flows.spec import load_spec
+    from flows.warehouse import data_fingerprint, make_engine
+
+    url = build(tmp_path / "wh.db", per_label=4)
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples/news_topics/spec.yaml")
+    spec.warehouse.url = url
+    engine = make_engine(url)
+    before = data_fingerprint(spec, engine)
+    assert before.startswith("20:") and data_fingerprint(spec, engine) == before
+    shutil.copy(tmp_path / "wh.db", tmp_path / "copy.db")  # same rows elsewhere: same print
+    copy = make_engine(f"sqlite:///{tmp_path / 'copy.db'}")
+    assert data_fingerprint(spec, copy) == before
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE articles SET title = title || '!' WHERE id = "
+                          "(SELECT min(id) FROM articles)"))
+    edited = data_fingerprint(spec, engine)
+    assert edited != before and edited.startswith("20:")
+    with engine.begin() as c:
+        c.execute(sa.text("DELETE FROM articles WHERE id = (SELECT max(id) FROM articles)"))
+    assert data_fingerprint(spec, engine).startswith("19:")

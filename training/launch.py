@@ -108,6 +108,10 @@ def num_processes_for(profile: str, config: dict, gpus: int | None = None) -> in
     default 2). GPU profiles: one per visible GPU (`single_gpu`: 1). Raises
     `ProfileUnavailable` when the machine cannot run the profile."""
     settings = profile_settings(profile)
+    if int(settings.get("num_machines") or 1) > 1:
+        raise ProfileUnavailable(
+            f"profile {profile} spans {settings['num_machines']} machines: launch it on each "
+            "node with its rank as docs/scaling.md shows, not from the pipeline")
     distributed = settings.get("distributed_type", "NO") != "NO"
     package = PROFILE_PACKAGES.get(profile)
     if package and importlib.util.find_spec(package) is None:

@@ -25,6 +25,7 @@ Lineage tags the pipeline passes to `register_model` (all strings):
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -176,7 +177,10 @@ def promote(registered_name: str, version: str | int, decision: dict) -> dict:
 
 
 def git_commit() -> str:
-    """The commit checked out in this repository, or "unknown" (no git, not a checkout)."""
+    """The commit checked out in this repository, or "unknown" (no git, not a checkout).
+    $POSTTRAIN_GIT_COMMIT wins: container images are built without .git."""
+    if os.environ.get("POSTTRAIN_GIT_COMMIT"):
+        return os.environ["POSTTRAIN_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
