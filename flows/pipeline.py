@@ -12,7 +12,6 @@ summary.json; MLflow holds the parent run, a child run per training job and tria
 registry.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json

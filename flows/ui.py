@@ -38,7 +38,9 @@ def start_uis(mlflow_uri: str | None = None, prefect_port: int = 4200,
     answer their health checks (raises RuntimeError naming the one that did not)."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               MLFLOW_DISABLE_TELEMETRY="true")
+               MLFLOW_DISABLE_TELEMETRY="true",
+               # the UI asks the server where its API is; without this it says :4200
+               PREFECT_UI_API_URL=f"http://127.0.0.1:{prefect_port}/api")
     urls = {"prefect": f"http://127.0.0.1:{prefect_port}",
             "mlflow": f"http://127.0.0.1:{mlflow_port}"}
     procs = [

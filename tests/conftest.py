@@ -93,7 +93,8 @@ def prefect_server(tmp_path_factory):
         port = s.getsockname()[1]
     home = tmp_path_factory.mktemp("prefect_home")
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
+               DO_NOT_TRACK="1", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+               PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")  # else the UI calls :4200
     env.pop("PREFECT_API_URL", None)
     log = (home / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",

@@ -169,19 +169,6 @@ def step(page, what: str, shots: Path):
         raise AssertionError(f"{what} failed at {page.url}: {e}\nscreenshot: {shot}") from e
 
 
-def point_ui_at(page, server: str) -> None:
-    """The Prefect UI reads its API URL from /ui-settings; a server started with `--port`
-    alone reports http://127.0.0.1:4200/api there (PREFECT_UI_API_URL unset). Answer with
-    the fixture server's own API so the UI talks to it."""
-    def answer(route):
-        response = route.fetch()
-        settings = response.json()
-        settings["api_url"] = server + "/api"
-        route.fulfill(response=response, json=settings)
-
-    page.route("**/ui-settings", answer)
-
-
 def next_0200_utc(now: dt.datetime) -> dt.datetime:
     at = now.replace(hour=2, minute=0, second=0, microsecond=0)
     return at if at > now else at + dt.timedelta(days=1)
@@ -245,7 +232,6 @@ def test_prefect_and_mlflow_uis_show_the_served_deployment_and_its_run(
     context.set_default_timeout(60_000)
     expect.set_options(timeout=60_000)
     page = context.new_page()
-    point_ui_at(page, prefect_server)
 
     with step(page, "Prefect deployment page", tmp_path):
         page.goto(prefect_server + "/deployments")
