@@ -168,3 +168,19 @@ def test_bad_override_names_the_field(tmp_path):
     with pytest.raises(SpecError) as err:
         pin_overrides(spec, tmp_path, {"training.max_steps": 0})
     assert err.value.problems == ["training.max_steps: must be at least 1, got 0"]
+
+
+def test_a_served_flow_validates_its_typed_parameters_in_another_process():
+    """`flow.serve` ships the flow to a spawned process by cloudpickle; the parameter model
+    (the UI form's types, Literal included) must still resolve there."""
+    import cloudpickle
+
+    from flows.pipeline import post_training
+
+    code = ("import sys, cloudpickle; flow = cloudpickle.loads(sys.stdin.buffer.read()); "
+            "print(flow.validate_parameters({'generator_api': 'anthropic', 'max_steps': '3'}))")
+    done = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(post_training),
+                          capture_output=True, cwd=REPO_ROOT, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    out = done.stdout.decode()
+    assert "'generator_api': 'anthropic'" in out and "'max_steps': 3" in out
