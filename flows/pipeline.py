@@ -13,6 +13,8 @@ registry.
 """
 
 
+# No `from __future__ import annotations` here: `flow.serve` cloudpickles this flow, and
+# string annotations lose `Literal` on the way (tests/test_deploy.py checks it).
 import hashlib
 import json
 import os
