@@ -117,3 +117,22 @@ def prefect_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def _drain_prefect_senders() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_prefect_senders():
+    """Prefect's event and log senders keep the API URL they started with, and a later flow in
+    this process reuses them: task-run states (sent as events) of one module would reach the
+    Prefect server another module pointed at. Each module starts and ends with them flushed
+    and stopped, so the next sender reads the API URL of its own time."""
+    _drain_prefect_senders()
+    yield
+    _drain_prefect_senders()

@@ -130,7 +130,7 @@ def test_ui_starts_prefect_and_mlflow_on_localhost(tmp_path):
     assert all(p.poll() is not None for p in procs)
 
 
-def test_runs_lists_past_runs_with_their_outcome(tmp_path, capsys):
+def test_runs_lists_past_runs_with_their_outcome(tmp_path, capsys, monkeypatch):
     from flows.cli import main
     from flows.store import Store
 
@@ -143,6 +143,7 @@ def test_runs_lists_past_runs_with_their_outcome(tmp_path, capsys):
     skipped = store.start_run("news", "h1", {})
     store.finish_run(skipped, "skipped", {"reason": "No new data since champion v3"})
     store.close()
+    monkeypatch.setenv("COLUMNS", "220")  # rich squeezes the table to 80 columns without a TTY
     assert main(["runs", "--root", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert done[:8] in out and "0.901" in out and "yes" in out and "1.250" in out
