@@ -114,7 +114,7 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
     path.write_text("".join(json.dumps({"prompt": k["prompt"], "completion": k["completion"]},
                                        ensure_ascii=False) + "\n" for k in kept))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    tracking.log_train_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
+    tracking.log_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
     trimmed = len(examples) - duplicates - leaks - len(kept)
     get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows, "
                           "%d trimmed by the label quota), sha256 %s", len(kept), duplicates,

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -93,20 +91,6 @@ def _write_jsonl(path: Path, pairs: list[Pair]) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _log_eval_dataset(run_id: str, path: Path, digest: str, name: str) -> None:
-    """The held-out pairs as an MLflow dataset input with context `evaluation`."""
-    import pandas as pd
-
-    df = pd.read_json(path, lines=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The specified dataset source")
-        dataset = mlflow.data.from_pandas(df, source=str(path.resolve()), name=name,
-                                          digest=digest)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context="evaluation")
-        mlflow.log_artifact(str(path), artifact_path="dataset")
-
-
 # ── preference pairs ─────────────────────────────────────────────────────────────────────────
 @task(name="write-pairs", cache_policy=NO_CACHE)
 def write_pairs(spec: Spec, dataset: dict, settings: RuntimeSettings, store_url: str,
@@ -144,10 +128,9 @@ def write_pairs(spec: Spec, dataset: dict, settings: RuntimeSettings, store_url:
     data.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = data / "pairs_train.jsonl", data / "pairs_eval.jsonl"
     digest, eval_digest = _write_jsonl(train_path, train), _write_jsonl(eval_path, held)
-    tracking.log_train_dataset(mlflow_run_id, train_path, digest[:16],
-                               name=f"{spec.name}-dpo-pairs")
-    _log_eval_dataset(mlflow_run_id, eval_path, eval_digest[:16],
-                      name=f"{spec.name}-dpo-pairs-heldout")
+    tracking.log_dataset(mlflow_run_id, train_path, digest[:16], name=f"{spec.name}-dpo-pairs")
+    tracking.log_dataset(mlflow_run_id, eval_path, eval_digest[:16],
+                         name=f"{spec.name}-dpo-pairs-heldout", context="evaluation")
     tracking.log_metrics(MlflowClient(), mlflow_run_id, {
         "dpo_pairs_train": len(train), "dpo_pairs_eval": len(held),
         "dpo_pairs_rejected": sum(rejected.values())})

@@ -64,8 +64,10 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) ->
     client.log_batch(run_id, metrics=items)
 
 
-def log_train_dataset(run_id: str, path: Path, digest: str, name: str) -> None:
-    """Log the curated JSONL as an MLflow dataset input whose digest hashes the whole file."""
+def log_dataset(run_id: str, path: Path, digest: str, name: str,
+                context: str = "training") -> None:
+    """Log a JSONL file as an MLflow dataset input (`context`: training, evaluation) whose
+    digest hashes the whole file, with the file itself as an artifact under dataset/."""
     import pandas as pd
 
     df = pd.read_json(path, lines=True)
@@ -74,5 +76,5 @@ def log_train_dataset(run_id: str, path: Path, digest: str, name: str) -> None:
         dataset = mlflow.data.from_pandas(df, source=str(path.resolve()), name=name,
                                           digest=digest)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context=context)
         mlflow.log_artifact(str(path), artifact_path="dataset")
