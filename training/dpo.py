@@ -34,26 +34,23 @@ import json
 import time
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
 from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PrinterCallback,
     TrainerCallback,
-    set_seed,
 )
 from trl import DPOConfig, DPOTrainer
 
 from training.dpo_sanity import dpo_health
 from training.sft import (
     ProgressPrinter,
+    common_args,
     lora_config,
-    no_activation_checkpointing,
+    prepare_process,
     start_child_run,
-    use_bf16,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -99,10 +96,7 @@ def read_pairs(path: str) -> Dataset:
 def main(config_path: str) -> dict:
     cfg = json.loads(Path(config_path).read_text())
     out = Path(cfg["output_dir"])
-    torch.set_num_threads(int(cfg.get("threads", 1)))
-    set_seed(int(cfg.get("seed", 0)))
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    prepare_process(cfg)
 
     # ── data ──────────────────────────────────────────────────────────────────────────────────
     train = read_pairs(cfg["train_file"])
@@ -117,34 +111,14 @@ def main(config_path: str) -> dict:
                  else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
 
     # ── DPO config: overrides of TRL's GPU-minded defaults ────────────────────────────────────
-    max_steps = int(cfg["max_steps"])
     mlflow_cfg = cfg.get("mlflow") or None
     batch_size = int(cfg["batch_size"])
     args = DPOConfig(
-        output_dir=str(out / "checkpoints"),
-        max_steps=max_steps,
-        learning_rate=float(cfg["learning_rate"]),
-        per_device_train_batch_size=batch_size,
+        **common_args(cfg, out, "dpo", warmup_ratio=0.1),
         per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
-        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
-        warmup_steps=round(float(cfg.get("warmup_ratio", 0.1)) * max_steps),
         beta=float(cfg["beta"]),
         loss_type=list(cfg["loss_type"]),
         max_length=int(cfg["max_length"]),
-        seed=int(cfg.get("seed", 0)),
-        data_seed=int(cfg.get("seed", 0)),
-        bf16=use_bf16(cfg.get("bf16")),  # as training.sft: only where the machine has it
-        use_cpu=not torch.cuda.is_available(),
-        **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
-        logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=["mlflow"] if mlflow_cfg else "none",
-        run_name=(mlflow_cfg or {}).get("run_name") or "dpo",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
     )
     callbacks: list[TrainerCallback] = [ProgressPrinter()]
     if cfg.get("sanity", True):
@@ -168,11 +142,7 @@ def main(config_path: str) -> dict:
             f"dropped because its prompt alone fills max_length={args.max_length} tokens; "
             f"raise dpo.max_length")
 
-    run = start_child_run(mlflow_cfg) if (rank0 and mlflow_cfg) else None
-    if run is not None:
-        import mlflow
-
-        mlflow.set_tags({"posttrain.stage": "dpo", **(mlflow_cfg.get("tags") or {})})
+    run = start_child_run(mlflow_cfg, stage="dpo") if (rank0 and mlflow_cfg) else None
 
     # ── train, then measure on the held-out pairs ─────────────────────────────────────────────
     started = time.perf_counter()

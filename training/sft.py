@@ -119,8 +119,47 @@ def lora_config(lora: dict | None):
                       task_type="CAUSAL_LM")
 
 
-def start_child_run(cfg: dict):
-    """Start (on rank 0) the MLflow run the Trainer's MLflowCallback will log into.
+def prepare_process(cfg: dict) -> None:
+    """The same start for every training script: torch threads, the seed, no progress bars."""
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    set_seed(int(cfg.get("seed", 0)))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def common_args(cfg: dict, out: Path, stage: str, warmup_ratio: float = 0.0) -> dict:
+    """The TrainingArguments both TRL configs (SFTConfig, DPOConfig) take from the JSON
+    config: TRL's GPU-minded defaults overridden. `warmup_ratio` is the stage's default."""
+    max_steps = int(cfg["max_steps"])
+    mlflow_cfg = cfg.get("mlflow") or None
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        max_steps=max_steps,
+        learning_rate=float(cfg["learning_rate"]),
+        per_device_train_batch_size=int(cfg["batch_size"]),  # per process, see docstring
+        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
+        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
+        warmup_steps=round(float(cfg.get("warmup_ratio", warmup_ratio)) * max_steps),
+        seed=int(cfg.get("seed", 0)),
+        data_seed=int(cfg.get("seed", 0)),
+        # bf16 only where the machine has it (TRL defaults it on); the device from the profile
+        bf16=use_bf16(cfg.get("bf16")),
+        use_cpu=not torch.cuda.is_available(),
+        **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
+        logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=["mlflow"] if mlflow_cfg else "none",
+        run_name=(mlflow_cfg or {}).get("run_name") or stage,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every parameter is used; skips a graph walk
+    )
+
+
+def start_child_run(cfg: dict, stage: str = "sft"):
+    """Start (on rank 0) the MLflow run the Trainer's MLflowCallback will log into, tagged
+    `posttrain.stage` = `stage` (the config's tags win).
 
     An already active run makes the callback log there and leave ending it to us. The run is
     created under `parent_run_id` (in the parent's experiment) when one is given."""
@@ -138,19 +177,16 @@ def start_child_run(cfg: dict):
         experiment_id = mlflow.set_experiment(cfg.get("experiment") or "posttrain").experiment_id
     return mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=cfg.get("run_name") or "sft",
+        run_name=cfg.get("run_name") or stage,
         parent_run_id=parent,
-        tags={"posttrain.stage": "sft", **(cfg.get("tags") or {})},
+        tags={"posttrain.stage": stage, **(cfg.get("tags") or {})},
     )
 
 
 def main(config_path: str) -> dict:
     cfg = json.loads(Path(config_path).read_text())
     out = Path(cfg["output_dir"])
-    torch.set_num_threads(int(cfg.get("threads", 1)))
-    set_seed(int(cfg.get("seed", 0)))
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    prepare_process(cfg)
 
     # ── data ──────────────────────────────────────────────────────────────────────────────────
     train = read_examples(cfg["train_file"])
@@ -165,33 +201,12 @@ def main(config_path: str) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
     # ── training config: overrides of TRL's GPU-minded defaults ───────────────────────────────
-    max_steps = int(cfg["max_steps"])
     mlflow_cfg = cfg.get("mlflow") or None
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        max_steps=max_steps,
-        learning_rate=float(cfg["learning_rate"]),
-        per_device_train_batch_size=int(cfg["batch_size"]),  # per process, see docstring
-        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps") or 1),
-        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
-        warmup_steps=round(float(cfg.get("warmup_ratio", 0.0)) * max_steps),
+        **common_args(cfg, out, "sft"),
         max_length=int(cfg.get("max_length", 256)),
-        seed=int(cfg.get("seed", 0)),
-        data_seed=int(cfg.get("seed", 0)),
-        # bf16 only where the machine has it (TRL defaults it on); the device from the profile
-        bf16=use_bf16(cfg.get("bf16")),
-        use_cpu=not torch.cuda.is_available(),
-        **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
         packing=bool(cfg.get("packing")),  # BFD packing: padding-free, no cross-example attention
         use_liger_kernel=use_liger(cfg.get("liger")),
-        logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=["mlflow"] if mlflow_cfg else "none",
-        run_name=(mlflow_cfg or {}).get("run_name") or "sft",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every parameter is used; skips a graph walk
     )
     # the untrained model, so the pipeline can report how far training moved it (saved before
     # peft wraps it in place)
