@@ -81,50 +81,12 @@ def prefect_api():
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` subprocess (SQLite, its own PREFECT_HOME) with the
     scheduler service on a 2 s loop, as a user runs it; yields its base URL (no /api)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from tests.servers import start_prefect_server, stop_process
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path_factory.mktemp("prefect_home")
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
-               PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")  # else the UI calls :4200
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
-            time.sleep(0.5)
+    proc, url = start_prefect_server(tmp_path_factory.mktemp("prefect_home"),
+                                     PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-def _drain_prefect_senders() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
+    stop_process(proc)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,6 +95,8 @@ def _fresh_prefect_senders():
     this process reuses them: task-run states (sent as events) of one module would reach the
     Prefect server another module pointed at. Each module starts and ends with them flushed
     and stopped, so the next sender reads the API URL of its own time."""
-    _drain_prefect_senders()
+    from tests.servers import drain_prefect_senders
+
+    drain_prefect_senders()
     yield
-    _drain_prefect_senders()
+    drain_prefect_senders()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,14 @@ from pathlib import Path
 import httpx
 import openai
 
+from tests.servers import free_port
+
 EXE = shutil.which("posttrain") or str(Path(sys.executable).parent / "posttrain")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_teacher_command_serves_openai_wire_format(small_warehouse_url, tmp_path):
-    port, log = _free_port(), tmp_path / "requests.jsonl"
+    port, log = free_port(), tmp_path / "requests.jsonl"
     proc = subprocess.Popen(
         [EXE, "teacher", "--port", str(port), "--warehouse", small_warehouse_url,
          "--table", "articles", "--id-column", "id", "--gold-column", "topic",

@@ -5,7 +5,6 @@ nightly deployment served (schedule, typed parameter form) and deployed on a pro
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import REPO_ROOT, deployment_settings
+from tests.servers import free_port
 
 DEPLOYMENT = "post-training/nightly"
 
@@ -109,11 +109,6 @@ def test_deploy_registers_it_on_a_process_pool(prefect_api):
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("posttrain-test").type == "process"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_starts_prefect_and_mlflow_on_localhost(tmp_path):

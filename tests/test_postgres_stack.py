@@ -12,19 +12,15 @@ Skips with a stated reason when the server is not configured or not reachable.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import yaml
 
+from tests.servers import drain_prefect_senders, start_prefect_server, stop_process
 from tests.test_pipeline import tiny_spec
 
 READER_ROLE = "posttrain_reader"  # what flows/pipeline.py's plan-slices ensures
@@ -74,52 +70,16 @@ def pg_databases(pg_server_url):
         admin.dispose()
 
 
-def start_prefect_server(home: Path, database_url: str, timeout_s: float = 90):
-    """`prefect server start` on a free port with its database at `database_url` (any URL
-    Prefect takes, e.g. postgresql+asyncpg://...), its own PREFECT_HOME, no UI, no analytics.
-    Returns (process, base URL without /api); the log is home/server.log."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=database_url,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    log.close()  # the child holds its own copy
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/api/health", timeout=2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_process(proc)
-                raise RuntimeError(f"prefect server did not start:\n"
-                                   f"{(home / 'server.log').read_text()[-3000:]}") from None
-            time.sleep(0.5)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def pg_prefect_server(pg_databases, tmp_path_factory):
     """A real Prefect server whose database is pt_prefect_<tag> (PostgreSQL, asyncpg)."""
     server, names = pg_databases
     home = tmp_path_factory.mktemp("prefect_pg_home")
     started = time.perf_counter()
-    proc, url = start_prefect_server(home, _db_url(server, names["prefect"], "postgresql+asyncpg"))
+    proc, url = start_prefect_server(
+        home, PREFECT_API_DATABASE_CONNECTION_URL=_db_url(server, names["prefect"],
+                                                          "postgresql+asyncpg"),
+        PREFECT_UI_ENABLED="false")
     seconds = time.perf_counter() - started
     try:
         yield url, seconds
@@ -180,10 +140,10 @@ def stack_run(pg_databases, pg_prefect_server, tmp_path_factory):
     t = time.perf_counter()
     try:
         with temporary_settings({PREFECT_API_URL: prefect_url + "/api"}):
-            drain_prefect_workers()  # a worker made under another API URL would be reused
+            drain_prefect_senders()  # a worker made under another API URL would be reused
             state = post_training(spec_path=str(spec_path), out_dir=str(tmp / "run"),
                                   return_state=True)
-            drain_prefect_workers()  # this run's task-run events and logs reach the server
+            drain_prefect_senders()  # this run's task-run events and logs reach the server
     finally:
         timings["flow"] = round(time.perf_counter() - t, 2)
         sa.event.remove(sa.engine.Engine, "before_cursor_execute", statements)
@@ -201,18 +161,7 @@ def stack_run(pg_databases, pg_prefect_server, tmp_path_factory):
                "timings": timings, "statements": statements.statements}
     finally:  # flush while the server still runs (else the client retries it at exit)
         with temporary_settings({PREFECT_API_URL: prefect_url + "/api"}):
-            drain_prefect_workers()
-
-
-def drain_prefect_workers() -> None:
-    """Send Prefect's queued events and logs and stop their workers. A worker's API URL is
-    fixed when it starts, and a later flow in this process reuses it whatever PREFECT_API_URL
-    says then: task-run states (sent as events) would reach the wrong server."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
+            drain_prefect_senders()
 
 
 def _scalar(url: str, sql: str, **params):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from flows.reporting import NOTE_TAG, UI_ENV, publish_reports
 from flows.spec import Spec
 from flows.store import Store
 from flows.warehouse import SliceDescriptor
+from tests.servers import free_port
 from training.evaluate import classification_metrics
 from training.registry import decide_promotion
 
@@ -328,15 +328,10 @@ def test_outside_a_flow_run_mlflow_reports_are_made_and_prefect_is_skipped(input
     assert client.get_run(run_id).data.tags[NOTE_TAG].startswith("# reporting-test")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_mlflow_server_serves_the_image_url(reported, tmp_path):
     """The URL the image artifact holds, against a real `mlflow server` on the same store."""
-    port = _free_port()
+    port = free_port()
     db = reported["tmp"] / "mlflow.db"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
