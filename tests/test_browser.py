@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port
 from tests.test_pipeline import tiny_spec
 
 try:
@@ -57,11 +57,6 @@ post_training.serve(name=sys.argv[1], schedules=[Cron(sys.argv[2], timezone="UTC
                     parameters=json.loads(sys.argv[3]))
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -237,7 +232,10 @@ def test_prefect_and_mlflow_uis_show_the_served_deployment_and_its_run(
         page.goto(prefect_server + "/deployments")
         page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
         page.wait_for_url(f"**/deployments/deployment/{deployment.id}**")
-        expect(page.get_by_text("At 02:00 AM every day", exact=True)).to_be_visible()
+        # visible ones only: with other 02:00 deployments on the server, the list page's hidden
+        # schedule tags are still in the DOM and would make the locator ambiguous
+        expect(page.get_by_text("At 02:00 AM every day", exact=True).filter(visible=True)
+               ).to_be_visible()
         expect(page.get_by_text("Next Run", exact=True)).to_be_visible()
         expect(page.get_by_text(f"Scheduled for {nightly:%Y/%m/%d} 02:00:00 AM")
                ).to_be_visible()
