@@ -23,6 +23,8 @@ import decimal
 import functools
 import hashlib
 import math
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,6 +40,7 @@ __all__ = [
     "WarehouseError",
     "fetch_eval_rows",
     "fetch_slice_row",
+    "fetch_slice_rows",
     "hash_sql",
     "holdout_predicate",
     "make_engine",
@@ -45,6 +48,7 @@ __all__ = [
     "render_completion",
     "render_prompt",
     "stable_hash",
+    "without_rows",
 ]
 
 HASH_MODULUS = 10000  # holdout resolution: fractions are rounded to 1/10000
@@ -289,36 +293,137 @@ def _normalise_row_id(row_id: Any) -> str:
     return str(row_id).strip()
 
 
+# ── trusted row lookups, by the id column's own type ─────────────────────────────────────────
+LOOKUP_CHUNK = 500  # ids per lookup query
+_INT64 = (-(2**63), 2**63 - 1)
+_INT_TEXT = re.compile(r"-?[0-9]+")
+_ID_KINDS: dict[tuple[str, str, str], str] = {}  # (engine url, table, id column) -> kind
+
+
+def _id_kind(engine: Engine | Connection, table: str, id_column: str) -> str:
+    """How ids compare with the id column uncast: "int", "str", or "cast" (the column's type is
+    unknown or neither, so ids are compared as text, `CAST(id AS TEXT)`: correct, but no index).
+
+    Found once per (engine url, table, id column) by reflection and cached; an in-memory
+    SQLite database is reflected each time (two engines may share its URL, not its tables)."""
+    url = engine.engine.url
+    key = (url.render_as_string(hide_password=True), table, id_column)
+    kind = _ID_KINDS.get(key)
+    if kind is not None:
+        return kind
+    try:
+        columns = sa.inspect(engine).get_columns(table)
+    except sa.exc.NoSuchTableError:
+        return "cast"  # not cached: the table may appear later; the query will say what is wrong
+    match = [c for c in columns if c["name"] == id_column] or \
+            [c for c in columns if c["name"].lower() == id_column.lower()]
+    kind = "cast"
+    if match:
+        try:
+            python_type = match[0]["type"].python_type
+        except NotImplementedError:  # NullType: an untyped SQLite column, an unknown type
+            python_type = None
+        if python_type is int:
+            kind = "int"
+        elif python_type is str:
+            kind = "str"
+    memory = url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory")
+    if not memory:
+        _ID_KINDS[key] = kind
+    return kind
+
+
+def _typed_id(kind: str, row_id: Any) -> int | str | None:
+    """The id as the id column's type, or None where no row can have it (never raises).
+
+    An id matches exactly when its text (`_normalise_row_id`) equals the stored id's text, as
+    the old text comparison had it: for an integer column 42, "42", " 42 " and 42.0 are 42;
+    "042", "4.5", "abc", True and ids beyond 64 bits are nothing."""
+    if isinstance(row_id, bool):
+        return None
+    text = _normalise_row_id(row_id)
+    if kind != "int":
+        return text
+    if not _INT_TEXT.fullmatch(text):
+        return None
+    value = int(text)
+    return value if str(value) == text and _INT64[0] <= value <= _INT64[1] else None
+
+
+def _id_condition(engine: Engine | Connection, alias: str, slice: SliceDescriptor,
+                  negate: bool = False) -> tuple[str, str]:
+    """(SQL `alias.id [NOT] IN :pt_row_ids`, id kind): uncast for an int or text column, so
+    the primary key index serves it; CAST to text where the column's type is unknown."""
+    kind = _id_kind(engine, slice.table, slice.id_column)
+    col = f"{alias}.{_q(engine, slice.id_column)}"
+    if kind == "cast":
+        col = f"CAST({col} AS TEXT)"
+    return f"{col} {'NOT IN' if negate else 'IN'}", kind
+
+
+def _lookup_query(engine: Engine | Connection, slice: SliceDescriptor) -> tuple[sa.TextClause, str]:
+    """The lookup query (expanding param `pt_row_ids`, the slice's own params) and id kind.
+
+    The id condition sits outside the slice's subquery; both SQLite and PostgreSQL pull the
+    subquery up, so the planner finds the rows by primary key first and evaluates the slice's
+    predicate (the holdout hash, the group, the id range) on those rows only."""
+    cond, kind = _id_condition(engine, "pt_slice", slice)
+    sql = sa.text(f"SELECT * FROM ({slice.sql}) pt_slice WHERE {cond} :pt_row_ids")
+    return sql.bindparams(sa.bindparam("pt_row_ids", expanding=True)), kind
+
+
+def fetch_slice_rows(engine: Engine, slice: SliceDescriptor, row_ids: Iterable[Any]
+                     ) -> dict[str, dict]:
+    """The slice's rows among these ids (allow-listed columns), keyed by
+    `_normalise_row_id(row's id)`; ids that are not in the slice (held out, another slice's,
+    absent, junk) are simply missing. An id matches when its text matches the row id's text,
+    so 42, "42", " 42 " and 42.0 find row 42 (as an LLM may write it), but the comparison is
+    on the id column's own type: one primary-key lookup per id, in one query per
+    `LOOKUP_CHUNK` ids, and the slice's predicate runs on the rows found only."""
+    sql, kind = _lookup_query(engine, slice)
+    ids = list(dict.fromkeys(t for t in (_typed_id(kind, r) for r in row_ids) if t is not None))
+    out: dict[str, dict] = {}
+    if not ids:
+        return out
+    with engine.connect() as conn:
+        for i in range(0, len(ids), LOOKUP_CHUNK):
+            params = {**slice.params, "pt_row_ids": ids[i:i + LOOKUP_CHUNK]}
+            for row in conn.execute(sql, params).mappings():
+                out[_normalise_row_id(row[slice.id_column])] = dict(row)
+    return out
+
+
 def fetch_slice_row(engine: Engine, slice: SliceDescriptor, row_id: Any) -> dict | None:
     """The row with this id if it belongs to the slice (allow-listed columns), else None.
 
-    The id is compared as text, so 42 and "42" (as an LLM may write it) find the same row."""
-    id_col = _q(engine, slice.id_column)
-    sql = sa.text(
-        f"SELECT * FROM ({slice.sql}) pt_slice WHERE CAST(pt_slice.{id_col} AS TEXT) = :pt_row_id"
-    )
-    with engine.connect() as conn:
-        rows = conn.execute(sql, {**slice.params, "pt_row_id": _normalise_row_id(row_id)}).mappings()
-        row = rows.first()
-    return None if row is None else dict(row)
+    42 and "42" (as an LLM may write it) find the same row: see `fetch_slice_rows`."""
+    return next(iter(fetch_slice_rows(engine, slice, [row_id]).values()), None)
 
 
 def without_rows(slice: SliceDescriptor, row_ids: list[str], slice_id: str,
                  engine: Engine) -> SliceDescriptor:
-    """The same slice minus rows already labelled: the share a top-up agent works on."""
-    id_col = _q(engine, slice.id_column)
+    """The same slice minus rows already labelled: the share a top-up agent works on.
+
+    The ids are bound as named params of the id column's type (a descriptor's params are
+    JSON), compared with the column uncast; `row_count` drops by the rows of the slice among
+    them (found by `fetch_slice_rows`), so ids given twice or not in the slice count nothing."""
+    cond, kind = _id_condition(engine, "pt_base", slice, negate=True)
+    typed = {t for t in (_typed_id(kind, r) for r in row_ids) if t is not None}
     params = dict(slice.params)
+    first = sum(k.startswith("pt_done_") for k in params)  # a top-up of a top-up: new names
     names = []
-    for i, rid in enumerate(sorted(row_ids)):
-        params[f"pt_done_{i}"] = str(rid)
+    for i, rid in enumerate(sorted(typed), start=first):
+        params[f"pt_done_{i}"] = rid
         names.append(f":pt_done_{i}")
-    where = f" WHERE CAST(pt_base.{id_col} AS TEXT) NOT IN ({', '.join(names)})" if names else ""
+    where = f" WHERE {cond} ({', '.join(names)})" if names else ""
+    removed = len(fetch_slice_rows(engine, slice, sorted(typed))) if typed else 0
     return slice.model_copy(update={
         "slice_id": slice_id,
         "key": {**slice.key, "topup": slice_id},
         "sql": f"SELECT * FROM ({slice.sql}) pt_base{where}",
         "params": params,
-        "row_count": slice.row_count - len(row_ids),
+        "row_count": slice.row_count - removed,
     })
 
 
