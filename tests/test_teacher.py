@@ -3,14 +3,17 @@ against the real SQLite warehouse of BBC articles.
 
 A small agent stand-in (`Agent` below) plays the agent loop's part: it keeps the
 conversation in neutral messages, runs the `sql` and `submit_examples` tools on the
-warehouse (simple SELECTs only; a mini gate), nudges after prose, and can prune its
-memory down to the pinned messages plus the last turn.
+warehouse (simple SELECTs only; a mini gate that, like agents.gates, takes "42" for row 42
+and wants labels spelled exactly), nudges after prose or an empty reply, and can prune its
+memory down to the pinned messages plus the last turn. Arguments in a ```json fence are an
+error unless it is told to strip them (`strip_fences`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from collections import Counter
 
@@ -24,6 +27,8 @@ from pydantic import ValidationError
 
 from agents.skills import load_skill
 from agents.teacher import FINGERPRINT, TeacherConfig, TeacherKnobs, TeacherServer
+from agents.teacher.config import REALISTIC
+from agents.teacher.slips import case_variant
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 PINNED = "Follow the skill.\n\n## Your task (pinned)\nLabel a BBC article with its topic."
@@ -159,8 +164,10 @@ def anthropic_caller(server, stream=False, **client_kw):
 
 # ── a stand-in for the agent loop ──────────────────────────────────────────────────────────
 class Agent:
-    def __init__(self, engine, call, *, keep_last: int | None = None, page_size=25, **extra):
+    def __init__(self, engine, call, *, keep_last: int | None = None, page_size=25,
+                 strip_fences=False, **extra):
         self.engine, self.call, self.keep_last = engine, call, keep_last
+        self.strip_fences = strip_fences
         self.pinned, self.turns = opening(page_size, **extra), []
         self.accepted: dict[int, str] = {}
         self.rejected: Counter[str] = Counter()
@@ -185,8 +192,8 @@ class Agent:
         text, calls = self.call(self.messages())
         said = {"role": "assistant", "content": text}
         if not calls:
-            if len(self.accepted) < 200 and self.nudges < 20 and "<progress>" in (text or "") \
-                    and '"done": true' not in text:
+            if len(self.accepted) < 200 and self.nudges < 20 and (
+                    not text or "<progress>" in text and '"done": true' not in text):
                 self.nudges += 1
                 self.turns.append([said, {"role": "user", "content": "Continue with the tools."}])
             else:
@@ -203,9 +210,15 @@ class Agent:
         self.tool_errors += 1
         return {"error": kind, "message": message}
 
+    def parse(self, arguments: str):
+        if self.strip_fences:
+            found = re.fullmatch(r"```(?:json)?\n(.*)\n```", arguments.strip(), re.DOTALL)
+            arguments = found.group(1) if found else arguments
+        return json.loads(arguments)
+
     def sql(self, arguments: str) -> dict:
         try:
-            args = json.loads(arguments)
+            args = self.parse(arguments)
         except json.JSONDecodeError as e:
             return self.error("invalid_arguments", f"arguments are not valid JSON: {e}")
         if not isinstance(args, dict) or set(args) != {"query"} or not isinstance(
@@ -219,19 +232,20 @@ class Agent:
 
     def submit(self, arguments: str) -> dict:
         try:
-            examples = json.loads(arguments)["examples"]
+            examples = self.parse(arguments)["examples"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             return self.error("invalid_arguments", f"not a submission: {e}")
         self.submitted.append(examples)
         accepted, rejected = 0, []
         for e in examples:
+            row = int(e["row_id"])  # the gate takes "42" for row 42 too
             reason = ("label_not_in_set" if e["label"] not in LABELS
-                      else "duplicate" if e["row_id"] in self.accepted else None)
+                      else "duplicate" if row in self.accepted else None)
             if reason:
                 self.rejected[reason] += 1
                 rejected.append({"row_id": e["row_id"], "reason": reason, "message": reason})
             else:
-                self.accepted[e["row_id"]] = e["label"]
+                self.accepted[row] = e["label"]
                 accepted += 1
         return {"accepted": accepted, "rejected": rejected}
 
@@ -602,7 +616,7 @@ def test_request_log_lines(teacher, engine):
     lines = logged(server)
     assert set(lines[0]) == {
         "time", "api", "route", "model", "request_hash", "attempt", "kind", "fault", "misuse",
-        "n_messages", "context_tokens", "pinned_present", "labelling_calls_so_far"}
+        "style", "n_messages", "context_tokens", "pinned_present", "labelling_calls_so_far"}
     assert [x["pinned_present"] for x in lines] == [True, False, None]
     assert [x["kind"] for x in lines] == ["label", "label", "other"]
     assert [x["labelling_calls_so_far"] for x in lines] == [1, 2, 2]
@@ -679,3 +693,160 @@ def test_a_correct_query_that_fails_ends_in_a_plain_message(teacher):
                  {"error": "sql_error", "message": "database is locked"})
     text, calls = ask(opening() + turn)
     assert not calls and "database is locked" in text
+
+
+# ── a cheap hosted model's habits, and the realistic profile ───────────────────────────────
+FENCED = re.compile(r"^```json\n(.*)\n```$", re.DOTALL)
+
+
+def test_fenced_arguments_hold_valid_json_and_a_strict_agent_recovers(teacher, engine, gold):
+    server = teacher(fenced_json_rate=1.0)
+    call = openai_caller(server)
+    _, calls = call(opening())
+    fenced = FENCED.match(calls[0][2])
+    assert calls[0][1] == "sql" and fenced
+    assert json.loads(fenced.group(1)) == {
+        "query": "SELECT id, title FROM articles ORDER BY id LIMIT 25"}
+    # a tool_use input is an object: on the Anthropic route the fence does not survive
+    _, use = anthropic_caller(server)(opening())
+    assert json.loads(use[0][2]) == json.loads(fenced.group(1))
+    # an agent that strips fences labels everything; a strict one gets an error, after which
+    # the teacher redoes the page without a fence
+    assert Agent(engine, call, page_size=50, strip_fences=True).run().accepted == gold
+    strict = Agent(engine, call, page_size=50)
+    for _ in range(2):
+        strict.step()
+    assert strict.tool_errors == 1
+    redo = strict.turns[-1][0]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(redo) == {"query": "SELECT id, title FROM articles ORDER BY id LIMIT 50"}
+    assert [x["style"] for x in logged(server)][:2] == [["fenced_json"], ["fenced_json"]]
+
+
+def test_string_ids_are_sent_and_a_fix_uses_the_stored_ids(teacher, engine, gold):
+    server = teacher(string_id_rate=1.0, case_error_rate=1.0)
+    agent = Agent(engine, openai_caller(server), page_size=40).run()
+    assert agent.accepted == gold and agent.rejected == {"label_not_in_set": 200}
+    first, fixes = agent.submitted[0::2], agent.submitted[1::2]
+    assert all(isinstance(e["row_id"], str) for batch in first for e in batch)
+    assert [e["row_id"] for e in first[0]] == [str(i) for i in list(gold)[:40]]
+    # the fix round slips nothing: integer ids, the labels spelled right
+    assert all(isinstance(e["row_id"], int) and e["label"] == gold[e["row_id"]]
+               for batch in fixes for e in batch)
+    assert server.stats()["style:string_ids"] == 5 and server.stats()["style:case_error"] == 200
+
+
+def test_labels_in_the_wrong_case_then_the_right_one_on_the_fix_round(teacher, engine, gold):
+    server = teacher(case_error_rate=1.0)
+    call = openai_caller(server)
+    agent = Agent(engine, call, page_size=50)
+    for _ in range(2):
+        agent.step()
+    first = agent.submitted[0]
+    assert all(e["label"] not in LABELS and e["label"].lower() == gold[e["row_id"]]
+               for e in first)
+    assert len({e["label"] for e in first}) >= 4  # "Tech", "TECH", "Sports", ...
+    agent.step()  # the fix round: every rejected row, spelled right, in one call
+    assert agent.submitted[1] == [{"row_id": e["row_id"], "label": gold[e["row_id"]]}
+                                  for e in first]
+    assert agent.run().accepted == gold
+    # a spelling no label of the set has; a label without letters is submitted unchanged
+    assert case_variant("Tech", ["tech", "Tech", "TECH"], random.Random(0)) == "tECH"
+    assert case_variant("42", ["42", "7"], random.Random(0)) == "42"
+
+
+def test_two_submit_calls_in_one_message_and_both_calls_rejections_are_fixed(
+        teacher, engine, gold):
+    server = teacher(multi_call_rate=1.0, off_spec_rate=1.0)
+    agent = Agent(engine, openai_caller(server), page_size=30)
+    for _ in range(2):
+        agent.step()
+    said = agent.turns[-1][0]
+    parts = [json.loads(c["function"]["arguments"])["examples"] for c in said["tool_calls"]]
+    assert [c["function"]["name"] for c in said["tool_calls"]] == ["submit_examples"] * 2
+    assert [e["row_id"] for e in parts[0] + parts[1]] == list(gold)[:30]
+    assert (len(parts[0]), len(parts[1])) == (15, 15)
+    assert agent.rejected["label_not_in_set"] == 30  # every row of both calls
+    agent.step()  # one fix round, one call, for the rejections of both calls
+    fix = agent.turns[-1][0]["tool_calls"]
+    assert len(fix) == 1 and [e["row_id"] for e in agent.submitted[-1]] == list(gold)[:30]
+    agent.run()
+    assert agent.accepted == gold and agent.rejected["duplicate"] == 0
+    assert server.stats()["style:multi_call"] == 200 // 30 + 1
+
+
+def test_think_comes_first_and_the_progress_note_is_still_found(teacher, engine, gold):
+    server = teacher(think_rate=1.0)
+    agent = Agent(engine, openai_caller(server), page_size=40, keep_last=1).run()
+    assert agent.accepted == gold and agent.calls == 2 * 5 + 2 and agent.nudges == 0
+    said = [t[0]["content"] for t in agent.turns]
+    assert all(re.match(r"<think>[^<]{20,}</think>\n<progress>\{", s) for s in said)
+    assert [x["style"] for x in logged(server)] == [["think"]] * agent.calls
+
+
+def test_an_empty_reply_then_a_nudge_redoes_the_page_it_was_on(teacher, engine, gold):
+    clean, empty = teacher(), teacher(empty_rate=1.0)
+    client = openai.OpenAI(base_url=empty.base_url, api_key="k", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=opening(), tools=TOOLS)
+    assert reply.choices[0].message.content == "" and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "stop"
+    # three clean moves (read page 1, submit it, read page 2), then the empty teacher
+    agent = Agent(engine, openai_caller(clean), page_size=20)
+    for _ in range(3):
+        agent.step()
+    agent.call = openai_caller(empty)
+    agent.step()  # instead of submitting page 2: nothing, then a nudge
+    assert not agent.turns[-1][0]["content"] and agent.nudges == 1
+    agent.step()  # it reads page 2 again: not from the start, not past it
+    query = json.loads(agent.turns[-1][0]["tool_calls"][0]["function"]["arguments"])["query"]
+    assert query.endswith(f"WHERE id > {list(gold)[19]} ORDER BY id LIMIT 20")
+    assert [(x["misuse"] or {}).get("kind") for x in logged(empty)] == [
+        "empty", "empty", None]
+    # memory kept only the silence and the nudge: the id the nudge names
+    nudged = [{"role": "assistant", "content": ""}, {"role": "user", "content":
+              "160 rows of your slice have no accepted label yet (read on after id 57). "
+              "Continue with the sql tool and label them."}]
+    _, calls = openai_caller(clean)(opening() + nudged)
+    assert json.loads(calls[0][2])["query"].endswith("WHERE id > 57 ORDER BY id LIMIT 25")
+    # on the Anthropic route: no content blocks at all, end_turn
+    system, msgs = to_anthropic(opening())
+    message = anthropic.Anthropic(base_url=empty.url, api_key="k").messages.create(
+        model="m", max_tokens=64, system=system, messages=msgs)
+    assert message.content == [] and message.stop_reason == "end_turn"
+    # and a whole run at a high rate still labels every row
+    agent = Agent(engine, openai_caller(teacher(empty_rate=0.3, seed=4)), page_size=20,
+                  keep_last=2).run(max_calls=150)
+    assert agent.accepted == gold and agent.nudges > 0 and agent.rejected["duplicate"] == 0
+
+
+def test_realistic_profile_fills_the_knobs_not_given(small_warehouse_url):
+    knobs = TeacherKnobs(profile="realistic")
+    assert {k: getattr(knobs, k) for k in REALISTIC} == REALISTIC
+    assert REALISTIC["think_rate"] == 0.5 and REALISTIC["string_id_rate"] == 0.3
+    assert knobs.misuse_rate == 0 and knobs.read_chars == 600  # not in the profile: defaults
+    mine = TeacherKnobs.model_validate({"profile": "realistic", "error_rate": 0.05, "seed": 3})
+    assert mine.error_rate == 0.05 and mine.seed == 3 and mine.think_rate == 0.5
+    assert TeacherKnobs.model_validate(mine.model_dump()) == mine  # a dump round-trips
+    assert TeacherKnobs().think_rate == 0 and TeacherKnobs().profile == "custom"
+    config = TeacherConfig(small_warehouse_url, "articles", "id", "topic", LABELS,
+                           knobs={"profile": "realistic", "empty_rate": 0.0}, error_rate=0.2)
+    assert (config.knobs.error_rate, config.knobs.empty_rate, config.knobs.prose_rate) == (
+        0.2, 0.0, 0.01)
+    with pytest.raises(ValidationError):
+        TeacherKnobs(profile="sloppy")
+    with pytest.raises(ValidationError, match="empty_rate"):
+        TeacherKnobs(prose_rate=0.5, empty_rate=0.6)
+
+
+@pytest.mark.parametrize("sdk, strip_fences", [("openai", False), ("openai", True),
+                                               ("anthropic", False)])
+def test_a_realistic_teacher_still_labels_every_row(teacher, engine, gold, sdk, strip_fences):
+    server = teacher(profile="realistic", seed=7)
+    call = (openai_caller if sdk == "openai" else anthropic_caller)(server)
+    agent = Agent(engine, call, page_size=10, keep_last=4,
+                  strip_fences=strip_fences).run(max_calls=200)
+    assert set(agent.accepted) == set(gold) and agent.done
+    wrong = sum(agent.accepted[i] != gold[i] for i in gold)
+    assert 5 < wrong < 40  # ≈ error_rate 0.10 of 200
+    stats = server.stats()
+    assert stats["style:think"] > agent.calls / 4 and stats["style:string_ids"] > 3
+    assert sum(v for k, v in stats.items() if k.startswith("style:")) > agent.calls / 2

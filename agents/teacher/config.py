@@ -10,10 +10,18 @@ from __future__ import annotations
 import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# `profile: realistic`: how a cheap hosted model errs (every knob not set explicitly)
+REALISTIC: dict[str, float] = {
+    "error_rate": 0.10, "off_spec_rate": 0.0, "case_error_rate": 0.03, "string_id_rate": 0.3,
+    "fenced_json_rate": 0.03, "malformed_rate": 0.01, "multi_call_rate": 0.05,
+    "think_rate": 0.5, "empty_rate": 0.01, "prose_rate": 0.01, "judge_error_rate": 0.02,
+}
 
 
 def _rate(description: str) -> float:
@@ -21,15 +29,29 @@ def _rate(description: str) -> float:
 
 
 class TeacherKnobs(BaseModel):
-    """How the simulated teacher misbehaves. All zero: an honest, fast, perfect labeller."""
+    """How the simulated teacher misbehaves. All zero: an honest, fast, perfect labeller.
+
+    `profile: realistic` makes it err like a cheap hosted model: every knob absent from the
+    input takes its value from `REALISTIC` (error_rate 0.10, off_spec_rate 0, case_error_rate
+    0.03, string_id_rate 0.3, fenced_json_rate 0.03, malformed_rate 0.01, multi_call_rate
+    0.05, think_rate 0.5, empty_rate 0.01, prose_rate 0.01, judge_error_rate 0.02); a knob
+    given explicitly wins (`{profile: realistic, error_rate: 0.05}`). `custom` (the default)
+    leaves every knob absent at 0 / its default.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    profile: Literal["custom", "realistic"] = Field(
+        "custom", description="`realistic`: every knob not given takes the value of a cheap "
+        "hosted model (REALISTIC in agents/teacher/config.py); `custom`: the defaults.")
     seed: int = Field(0, description="Seed of every random choice the teacher makes.")
     # labels
     error_rate: float = _rate("Share of rows given a wrong but valid label.")
     off_spec_rate: float = _rate(
         "Share of rows first given a label outside the set; corrected when the gate rejects it.")
+    case_error_rate: float = _rate(
+        "Share of rows whose first submitted label is wrongly capitalised ('Tech', 'TECH' for "
+        "'tech'; a spelling no label of the set has); the fix round sends the right one.")
     drift_after_calls: int | None = Field(
         None, ge=0, description="After this many labelling requests (server-wide), labels "
         "start to drift (see drift_error_rate). None: never.")
@@ -44,6 +66,19 @@ class TeacherKnobs(BaseModel):
     misuse_rate: float = _rate(
         "Share of sql calls that send a harmful or invalid query, or wrong arguments.")
     prose_rate: float = _rate("Share of mid-task replies that are prose with no tool call.")
+    empty_rate: float = _rate(
+        "Share of mid-task replies that are empty: content '' and no tool call (after the "
+        "nudge it redoes the page it was on).")
+    string_id_rate: float = _rate(
+        "Share of submit_examples calls that send every integer row_id as a string (\"42\").")
+    fenced_json_rate: float = _rate(
+        "Share of tool calls whose arguments are wrapped in a markdown fence "
+        "(```json ... ```, valid JSON inside).")
+    multi_call_rate: float = _rate(
+        "Share of submit steps that split the page's examples into two submit_examples "
+        "calls in one message (first half, second half).")
+    think_rate: float = _rate(
+        "Share of replies whose content starts with reasoning in <think>...</think> tags.")
     # transport faults (each hits only the first attempt of a request)
     fault_429_rate: float = _rate("Share of requests answered 429 with retry-after headers.")
     fault_500_rate: float = _rate("Share of requests answered 500.")
@@ -61,12 +96,21 @@ class TeacherKnobs(BaseModel):
     # other roles
     judge_error_rate: float = _rate("Share of reviewed rows the judge believes wrongly.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data):
+        """`profile: realistic` fills every knob absent from the input from REALISTIC."""
+        if isinstance(data, dict) and data.get("profile") == "realistic":
+            return {**REALISTIC, **data}
+        return data
+
     @model_validator(mode="after")
     def _shares_fit(self) -> TeacherKnobs:
         if self.error_rate + self.off_spec_rate > 1:
             raise ValueError("error_rate + off_spec_rate must be at most 1")
-        if self.prose_rate + self.misuse_rate + self.malformed_rate > 1:
-            raise ValueError("prose_rate + misuse_rate + malformed_rate must be at most 1")
+        if self.prose_rate + self.misuse_rate + self.malformed_rate + self.empty_rate > 1:
+            raise ValueError(
+                "prose_rate + misuse_rate + malformed_rate + empty_rate must be at most 1")
         faults = (self.fault_429_rate, self.fault_500_rate, self.fault_529_rate,
                   self.timeout_rate, self.truncated_rate)
         if sum(faults) > 1:

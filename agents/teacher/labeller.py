@@ -28,13 +28,19 @@ the way a careful agent writes down where it is:
                                         the gold label, as after a careful re-read)
     submit or resubmit result        -> finish if the page was short, else sql after last_id
     a nudge after finishing          -> finish again (skipped rows stay skipped)
-    a tool error after one of its deliberate slips (misuse, malformed), or a nudge after
-    a prose reply                    -> redo the page: sql after after_id, this time correctly
+    a tool error after one of its deliberate slips (misuse, malformed, fenced), or a
+    nudge after a prose reply        -> redo the page: sql after after_id, this time correctly
+    a nudge after an empty reply     -> the same, at the page of the move it skipped (from the
+                                        messages before it; if the memory dropped them, after
+                                        the id the nudge names: "(read on after id 40)")
+    several calls in one message     -> any failed call decides as above; else the last call
+                                        does, with the rejections of every submit call
     a tool error on a correct call   -> give up with a plain message (no endless retrying)
     an unreadable submit result      -> go on as if it had no rejections
 
 A row is handled only once per page, and a re-read page yields the same decisions, so
-any prefix of the conversation the memory keeps leads to the same next move.
+any prefix of the conversation the memory keeps leads to the same next move. The note is
+found anywhere in a message (after a <think> prologue too).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from agents.teacher.config import TeacherConfig
-from agents.teacher.slips import PROSE, malform, misuse
+from agents.teacher.slips import PROSE, case_variant, malform, misuse, style, think, unfence
 from agents.teacher.wire import Reply, text_of
 
 FIXABLE = {"label_not_in_set", "invalid_schema", "judge_disagreed"}
@@ -56,6 +62,7 @@ _PROGRESS = re.compile(r"<progress>(\{.*?\})</progress>", re.DOTALL)
 _RESUME = re.compile(r'"resume_after_id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
 _SLICE = re.compile(r"<slice>\s*(\{.*?\})\s*</slice>", re.DOTALL)
 _AFTER = re.compile(r"\bWHERE\s+\w+\s*>\s*(-?\d+|'(?:[^']|'')*')", re.IGNORECASE)
+_HINT = re.compile(r"\bafter id (-?\d+)\b")  # a nudge's "(read on after id 40)"
 
 
 class GoldLabels:
@@ -66,6 +73,10 @@ class GoldLabels:
         self.engine = sa.create_engine(config.warehouse_url)
 
     def __call__(self, ids: list) -> dict[str, str]:
+        return {k: g for k, (_, g) in self.rows(ids).items()}
+
+    def rows(self, ids: list) -> dict[str, tuple]:
+        """str(id) -> (the id as the warehouse stores it, the gold label)."""
         ids = [i for i in ids if isinstance(i, str | int) and not isinstance(i, bool)]
         if not ids:
             return {}
@@ -74,7 +85,7 @@ class GoldLabels:
             f"SELECT {c.id_column}, {c.gold_column} FROM {c.table} WHERE {c.id_column} IN :ids"
         ).bindparams(sa.bindparam("ids", expanding=True))
         with self.engine.connect() as conn:
-            return {str(i): g for i, g in conn.execute(stmt, {"ids": ids})}
+            return {str(i): (i, g) for i, g in conn.execute(stmt, {"ids": ids})}
 
 
 def slice_block(messages: list[dict]) -> dict | None:
@@ -103,6 +114,7 @@ class Step:
     rows: list = field(default_factory=list)     # submit: rows read; fix: rejections
     recovering: bool = False           # the previous move failed: no slip now
     message: str = ""                  # give_up: why
+    case_errors: int = 0               # submit: labels sent in the wrong case
 
 
 class Labeller:
@@ -129,12 +141,16 @@ class Labeller:
         return label
 
     def first_label(self, row_id, gold: str, drifted: bool) -> str:
-        """What it submits the first time: off the label set for off_spec_rate of rows."""
+        """What it submits the first time: off the label set for off_spec_rate of rows, the
+        believed label in the wrong case for case_error_rate of the others."""
         if self._rng("label", row_id).random() < self.knobs.off_spec_rate:
             out = [x for x in (gold + "s", "world", gold.upper()) if x not in self.config.labels]
             if out:
                 return self._rng("off-spec", row_id).choice(out)
-        return self.believed(row_id, gold, drifted)
+        label = self.believed(row_id, gold, drifted)
+        if self._rng("case", row_id).random() < self.knobs.case_error_rate:
+            return case_variant(label, self.config.labels, self._rng("case-variant", row_id))
+        return label
 
     def _chosen(self, row_id, label: str, want: list | None) -> bool:
         if want:  # a targeted top-up: only the wanted labels, no bias
@@ -154,23 +170,29 @@ class Labeller:
             return Step("sql", after=resume)
         said = messages[last_a]
         calls = said.get("tool_calls") or []
-        note = _progress(said.get("content")) or _guess_progress(calls)
+        note = _progress(said.get("content"))
+        if note is None and not calls:  # an empty reply, then a nudge
+            return self._after_silence(messages, last_a, block, resume)
+        note = note or _guess_progress(calls)
         after = _later(note.get("after_id"), resume)
         limit = note.get("limit") if isinstance(note.get("limit"), int) else None
         if note.get("done"):
             return Step("done", after=after)
         if not calls:  # a prose reply (or a give-up), then a nudge: go on with the page
             return Step("sql", after=after, limit=limit, recovering=True)
-        fn = calls[-1].get("function") or {}
-        answered = next((m for m in messages[last_a + 1:] if m.get("role") == "tool"
-                         and m.get("tool_call_id") == calls[-1].get("id")), None)
-        raw = text_of(answered.get("content")) if answered else None
-        result = _json(raw)
-        if answered is None or (isinstance(result, dict) and "error" in result):
-            if answered is not None and self._was_correct(fn, block, note):
-                return Step("give_up", after=note.get("after_id"), limit=limit,
-                            message=f"{fn.get('name')} failed: {result.get('message')}")
-            return Step("sql", after=after, limit=limit, recovering=True)
+        results = []  # (function, raw result text or None when unanswered, parsed result)
+        for call in calls:
+            answered = next((m for m in messages[last_a + 1:] if m.get("role") == "tool"
+                             and m.get("tool_call_id") == call.get("id")), None)
+            raw = text_of(answered.get("content")) if answered else None
+            results.append((call.get("function") or {}, raw, _json(raw)))
+        for fn, raw, result in results:  # a failed call decides
+            if raw is None or (isinstance(result, dict) and "error" in result):
+                if raw is not None and self._was_correct(fn, block, note):
+                    return Step("give_up", after=note.get("after_id"), limit=limit,
+                                message=f"{fn.get('name')} failed: {result.get('message')}")
+                return Step("sql", after=after, limit=limit, recovering=True)
+        fn, raw, result = results[-1]
         if fn.get("name") == "sql":
             if isinstance(result, dict):
                 rows = [r for r in result.get("rows") or [] if isinstance(r, dict)]
@@ -185,15 +207,36 @@ class Labeller:
                 return Step("done", after=after)
             return Step("submit", after=after, last=rows[-1].get(id_col), short=short,
                         rows=rows, limit=limit)
-        if fn.get("name") == "submit_examples":
-            rejected = result.get("rejected") if isinstance(result, dict) else None
-            fix = [r for r in rejected or [] if isinstance(r, dict) and r.get("reason") in FIXABLE]
+        if fn.get("name") == "submit_examples":  # the rejections of every submit call
+            rejected = [r for f, _, res in results if f.get("name") == "submit_examples"
+                        and isinstance(res, dict) and isinstance(res.get("rejected"), list)
+                        for r in res["rejected"]]
+            fix = [r for r in rejected if isinstance(r, dict) and r.get("reason") in FIXABLE]
             last, short = note.get("last_id"), bool(note.get("short"))
             if fix and not note.get("fix"):  # one round of fixes per page: no endless loop
                 return Step("fix", after=after, last=last, short=short, rows=fix, limit=limit)
             return Step("done", after=last) if short else \
                 Step("sql", after=_later(last, resume), limit=limit)
         return Step("sql", after=after, limit=limit, recovering=True)
+
+    def _after_silence(self, messages: list[dict], last_a: int, block: dict, resume) -> Step:
+        """After an empty reply and a nudge: redo the page of the move it skipped, decided
+        from the messages before the silence (back to the latest message with a note or
+        calls); when the memory kept none, after the id the nudge names (or the resume)."""
+        spoke = [i for i in range(last_a) if messages[i].get("role") == "assistant" and (
+            messages[i].get("tool_calls") or _progress(messages[i].get("content")))]
+        if spoke:
+            silent = next(i for i in range(spoke[-1] + 1, last_a + 1)
+                          if messages[i].get("role") == "assistant")
+            skipped = self.next_step(messages[:silent], block)
+            if skipped.kind == "done":
+                return Step("done", after=skipped.after)
+            after, limit = skipped.after, skipped.limit
+        else:
+            hints = [int(h) for m in messages[last_a + 1:] if m.get("role") == "user"
+                     for h in _HINT.findall(text_of(m.get("content")))]
+            after, limit = (hints[-1] if hints else None), None
+        return Step("sql", after=_later(after, resume), limit=limit, recovering=True)
 
     def page_size(self, block: dict, limit: int | None = None) -> int:
         return max(1, min(int(limit or block.get("page_size") or 25), MAX_SUBMIT))
@@ -243,30 +286,49 @@ class Labeller:
                      f"was asked for."), step
 
     def answer(self, messages: list[dict], block: dict, drifted: bool,
-               request_hash: str) -> tuple[Reply, dict | None]:
-        """The next message, with a seeded slip now and then: (reply, the slip or None).
-        No slip right after a failed or prose move, nor on a fix (the agent must recover)."""
+               request_hash: str) -> tuple[Reply, dict | None, list[str]]:
+        """The next message, with a seeded slip now and then: (reply, the slip or None, the
+        cheap-model habits it shows). No slip or habit right after a failed, prose or empty
+        move, nor on a fix (the agent must recover); labels in the wrong case are decided per
+        row (a re-read page repeats them), and <think> may open any non-empty reply."""
         reply, step = self.decide(messages, block, drifted)
-        if step.recovering or step.kind not in ("sql", "submit") or not reply.tool_calls:
-            return reply, None
+        slip, shown = None, ["case_error"] * step.case_errors
+        if not step.recovering and step.kind in ("sql", "submit") and reply.tool_calls:
+            reply, slip, habits = self._slip(reply, step, block, request_hash)
+            shown = habits if slip else shown + habits  # a failed move sends no labels
+        rng = self._rng("think", request_hash)
+        if reply.content and rng.random() < self.knobs.think_rate:
+            reply = Reply(f"{think(step.kind, rng)}\n{reply.content}", reply.tool_calls)
+            shown.append("think")
+        return reply, slip, shown
+
+    def _slip(self, reply: Reply, step: Step, block: dict,
+              request_hash: str) -> tuple[Reply, dict | None, list[str]]:
+        """One failing slip (prose, misuse, malformed, empty) or else the habits (style)."""
         k, rng = self.knobs, self._rng("slip", request_hash)
         u, note = rng.random(), _note(step)
         if u < k.prose_rate:
             text = f"{note} {rng.choice(PROSE)}"
-            return Reply(text), {"kind": "prose", "variant": None, "emitted": text}
+            return Reply(text), {"kind": "prose", "variant": None, "emitted": text}, []
         u -= k.prose_rate
         call = reply.tool_calls[0]
         if call["name"] == "sql" and u < k.misuse_rate:
             variant, arguments = misuse(block, self.config.gold_column, rng)
             slip = {"kind": "misuse", "variant": variant, "emitted": arguments}
-            return Reply(reply.content, [{"name": "sql", "arguments": arguments}]), slip
+            return Reply(reply.content, [{"name": "sql", "arguments": arguments}]), slip, []
         if call["name"] == "sql":
             u -= k.misuse_rate
         if u < k.malformed_rate:
             variant, arguments = malform(call["arguments"], rng)
             slip = {"kind": "malformed", "variant": variant, "emitted": arguments[:200]}
-            return Reply(reply.content, [{"name": call["name"], "arguments": arguments}]), slip
-        return reply, None
+            return Reply(reply.content, [{"name": call["name"], "arguments": arguments}]), \
+                slip, []
+        u -= k.malformed_rate
+        if u < k.empty_rate:
+            return Reply(""), {"kind": "empty", "variant": None, "emitted": ""}, []
+        calls, shown = style(reply.tool_calls, step.kind == "submit", k,
+                             self._rng("style", request_hash))
+        return Reply(reply.content, calls), None, shown
 
     def _examples(self, step: Step, block: dict, drifted: bool) -> list[dict]:
         id_col = block.get("id_column", self.config.id_column)
@@ -275,13 +337,13 @@ class Labeller:
             ids = [r.get("row_id") for r in step.rows]
         else:
             reasons, ids = {}, [r.get(id_col) for r in step.rows]
-        gold = self.gold(ids)
+        found = self.gold.rows(ids)
         want = block.get("want_labels") or None
         out = []
         for i in ids:
-            g = gold.get(str(i))
-            if g is None:
+            if str(i) not in found:
                 continue
+            i, g = found[str(i)]  # the stored id: a fix never echoes an id sent as "42"
             label = self.believed(i, g, drifted)
             if step.kind == "fix":
                 if reasons.get(str(i)) == "judge_disagreed":
@@ -289,7 +351,9 @@ class Labeller:
                 if label in self.config.labels:  # never loop on a gold label outside the set
                     out.append({"row_id": i, "label": label})
             elif self._chosen(i, label, want):
-                out.append({"row_id": i, "label": self.first_label(i, g, drifted)})
+                first = self.first_label(i, g, drifted)
+                step.case_errors += first != label and first.lower() == label.lower()
+                out.append({"row_id": i, "label": first})
         return out[:MAX_SUBMIT]
 
 
@@ -343,7 +407,7 @@ def _guess_progress(calls: list[dict]) -> dict:
     """For assistant messages the teacher did not write: the page from the calls."""
     for c in calls:
         fn = c.get("function") or {}
-        args = _json(fn.get("arguments") or "")
+        args = _json(unfence(fn.get("arguments") or ""))
         if fn.get("name") == "sql" and isinstance(args, dict):
             found = _AFTER.search(str(args.get("query", "")))
             if found:

@@ -92,18 +92,20 @@ class Teacher:
         block = slice_block(messages)
         return ("label", block) if block is not None else ("other", None)
 
-    def answer(self, d: Decoded, kind: str, block, drifted: bool) -> tuple[Reply, dict | None]:
+    def answer(self, d: Decoded, kind: str, block,
+               drifted: bool) -> tuple[Reply, dict | None, list[str]]:
+        """(the reply, its failing slip or None, the cheap-model habits it shows)"""
         c = self.config
         if kind == "label":
             return self.labeller.answer(d.messages, block, drifted, d.hash)
         if kind == "judge":
-            return Reply(json.dumps(judge(block, self.gold, c.labels, c.knobs))), None
+            return Reply(json.dumps(judge(block, self.gold, c.labels, c.knobs))), None, []
         if kind == "pairs":
-            return Reply(json.dumps(pairs(block, self.gold, c.labels, c.knobs))), None
+            return Reply(json.dumps(pairs(block, self.gold, c.labels, c.knobs))), None, []
         if kind == "tune":
-            return Reply(json.dumps(tune(block, c.knobs))), None
+            return Reply(json.dumps(tune(block, c.knobs))), None, []
         return Reply("I am posttrain's simulated teacher; I found no <slice>, <review>, <pairs> "
-                     "or <tune> block to act on."), None
+                     "or <tune> block to act on."), None, []
 
 
 def _pick_fault(config: TeacherConfig, d: Decoded, attempt: int) -> str | None:
@@ -246,17 +248,18 @@ def create_app(config: TeacherConfig) -> FastAPI:
         drifted = place is not None and k.drift_after_calls is not None \
             and place >= k.drift_after_calls
         fault = _pick_fault(config, d, attempt)
-        reply, slip = None, None
+        reply, slip, style = None, None, []
         if fault is None or fault == "timeout" or fault.startswith("truncated"):
-            reply, slip = await run_in_threadpool(teacher.answer, d, kind, block, drifted)
+            reply, slip, style = await run_in_threadpool(teacher.answer, d, kind, block, drifted)
         state.count("requests", f"api:{api}", f"kind:{kind}", *(["drifted"] if drifted else []),
                     *([f"fault:{fault}"] if fault else []),
-                    *([":".join(filter(None, (slip["kind"], slip["variant"])))] if slip else []))
+                    *([":".join(filter(None, (slip["kind"], slip["variant"])))] if slip else []),
+                    *(f"style:{s}" for s in style))
         system = next((m for m in d.messages if m.get("role") == "system"), None)
         state.log({
             "time": time.time(), "api": api, "route": route, "model": d.model,
             "request_hash": d.hash, "attempt": attempt, "kind": kind, "fault": fault,
-            "misuse": slip, "n_messages": len(d.messages),
+            "misuse": slip, "style": style, "n_messages": len(d.messages),
             "context_tokens": wire.approx_tokens(d.size),
             "pinned_present": (PINNED_MARK in wire.text_of(system.get("content")) if system
                                else False) if kind == "label" else None,

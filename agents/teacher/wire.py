@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from agents.teacher.slips import unfence
+
 FINGERPRINT = "posttrain-simulated-teacher"
 
 
@@ -226,8 +228,8 @@ def openai_sse(d: Decoded, reply: Reply) -> Iterator[str]:
 def _anthropic_blocks(d: Decoded, reply: Reply) -> list[dict]:
     blocks = [{"type": "text", "text": reply.content}] if reply.content else []
     for i, c in enumerate(reply.tool_calls):
-        try:
-            args = json.loads(c["arguments"])
+        try:  # tool_use input is an object: a fence (an OpenAI-route habit) does not survive
+            args = json.loads(unfence(c["arguments"]))
         except json.JSONDecodeError:
             args = c["arguments"]  # malformed on purpose: a string where an object belongs
         blocks.append({"type": "tool_use", "id": f"toolu_{d.hash[:16]}_{i}", "name": c["name"],
