@@ -5,12 +5,15 @@
 `duplicate`. Reasons, in the order they are checked:
 
     invalid_schema     not exactly {"row_id": str|int, "label": str}
-    label_not_in_set   the label is not one of the task's labels
+    label_not_in_set   the label is not one of the task's labels, even ignoring case and
+                       outer whitespace ("Tech " is taken as "tech", `normalised` is set)
     duplicate          this row was already accepted in this run
     row_not_in_slice   row_lookup(row_id) found no such row in the agent's slice
     copy_of_eval_row   the row's text equals a held-out evaluation row (`is_eval_copy`)
 
-Each rejection's `message` tells the agent how to fix it. Rejections decided later (the
+`gate.check_batch(items, rows_lookup)` checks a whole submission with ONE lookup of the rows
+it names (`rows_lookup(ids) -> {row_key(id): row}`), so a batch costs one indexed query, not
+one per item. Each rejection's `message` tells the agent how to fix it. Rejections decided later (the
 judge disagreeing, a re-review) call `gate.forget(row_id)` so the row can be labelled again.
 """
 
@@ -44,6 +47,14 @@ class GateResult:
     row_id: str | int | None = None
     label: str | None = None
     row: dict | None = None  # the slice's row, for accepted items
+    normalised: bool = False  # the label was accepted after fixing its case or whitespace
+
+
+def row_key(row_id: object) -> str:
+    """How a row id is compared: 42, 42.0, "42" and " 42 " are the same row."""
+    if isinstance(row_id, float) and row_id.is_integer():
+        row_id = int(row_id)
+    return str(row_id).strip()
 
 
 class Gate:
@@ -55,18 +66,41 @@ class Gate:
             raise ValueError("a gate needs a non-empty label set")
         self.labels = list(labels)
         self._label_set = set(labels)
+        folded: dict[str, list[str]] = {}
+        for label in labels:
+            folded.setdefault(label.strip().casefold(), []).append(label)
+        # only an unambiguous case/whitespace slip is fixed ("Tech" when "tech" and "TECH"
+        # are both labels stays a rejection)
+        self._folded = {k: v[0] for k, v in folded.items() if len(v) == 1}
         self._accepted: set[str] = set()
         self._is_eval_copy = is_eval_copy
 
     def forget(self, row_id: str | int) -> None:
         """A row accepted here was rejected afterwards: let it be submitted again."""
-        self._accepted.discard(str(row_id))
+        self._accepted.discard(row_key(row_id))
 
     @property
     def accepted_count(self) -> int:
         return len(self._accepted)
 
     def check(self, item: object, row_lookup: Callable[[str | int], dict | None]) -> GateResult:
+        """One item, its row found by `row_lookup(row_id)` (None: not in the slice)."""
+        def rows_lookup(ids: list) -> dict[str, dict]:
+            row = row_lookup(ids[0])
+            return {} if row is None else {row_key(ids[0]): row}
+        return self.check_batch([item], rows_lookup)[0]
+
+    def check_batch(self, items: list[object],
+                    rows_lookup: Callable[[list], dict[str, dict]]) -> list[GateResult]:
+        """Every item of one submission, in order, with one `rows_lookup` of the rows named."""
+        first = [self._check_fields(item) for item in items]
+        wanted = list(dict.fromkeys(r.row_id for r in first
+                                    if r.ok and row_key(r.row_id) not in self._accepted))
+        rows = rows_lookup(wanted) if wanted else {}
+        return [self._check_row(r, rows) if r.ok else r for r in first]
+
+    def _check_fields(self, item: object) -> GateResult:
+        """Schema and label; ok=True means 'go on to the row checks'."""
         try:
             ex = SubmittedExample.model_validate(item)
         except ValidationError as e:
@@ -81,35 +115,42 @@ class Gate:
                 row_id=raw.get("row_id") if isinstance(raw.get("row_id"), (str, int)) else None,
                 label=raw.get("label") if isinstance(raw.get("label"), str) else None,
             )
-        fields = {"row_id": ex.row_id, "label": ex.label}
-        if ex.label not in self._label_set:
-            return GateResult(
-                False, LABEL_NOT_IN_SET,
-                f"label {ex.label!r} is not one of: {', '.join(self.labels)}; "
-                f"resubmit row {ex.row_id!r} with one of these, spelled exactly",
-                **fields,
-            )
-        key = str(ex.row_id)
+        label, normalised = ex.label, False
+        if label not in self._label_set:
+            label = self._folded.get(label.strip().casefold())
+            if label is None:
+                return GateResult(
+                    False, LABEL_NOT_IN_SET,
+                    f"label {ex.label!r} is not one of: {', '.join(self.labels)}; "
+                    f"resubmit row {ex.row_id!r} with one of these, spelled exactly",
+                    row_id=ex.row_id, label=ex.label,
+                )
+            normalised = True
+        return GateResult(True, row_id=ex.row_id, label=label, normalised=normalised)
+
+    def _check_row(self, r: GateResult, rows: dict[str, dict]) -> GateResult:
+        fields = {"row_id": r.row_id, "label": r.label}
+        key = row_key(r.row_id)
         if key in self._accepted:
             return GateResult(
                 False, DUPLICATE,
-                f"row {ex.row_id!r} already has an accepted label; do not submit it again",
+                f"row {r.row_id!r} already has an accepted label; do not submit it again",
                 **fields,
             )
-        row = row_lookup(ex.row_id)
+        row = rows.get(key)
         if row is None:
             return GateResult(
                 False, ROW_NOT_IN_SLICE,
-                f"row {ex.row_id!r} is not in your slice; submit only row ids your sql "
+                f"row {r.row_id!r} is not in your slice; submit only row ids your sql "
                 f"queries returned",
                 **fields,
             )
         if self._is_eval_copy is not None and self._is_eval_copy(row):
             return GateResult(
                 False, COPY_OF_EVAL_ROW,
-                f"row {ex.row_id!r} duplicates a held-out evaluation row and cannot be used "
+                f"row {r.row_id!r} duplicates a held-out evaluation row and cannot be used "
                 f"for training; skip it",
                 **fields,
             )
         self._accepted.add(key)
-        return GateResult(True, None, "accepted", row=row, **fields)
+        return GateResult(True, None, "accepted", row=row, normalised=r.normalised, **fields)

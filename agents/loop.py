@@ -4,13 +4,19 @@
     repeat up to max_turns:
         gateway.complete(memory.messages(), tools)      cache → budget → rate limit → provider
         no tool calls:   rows left? nudge (max_nudges) : stop "completed"
-        each tool call:  arguments validated (pydantic); misuse goes back as a tool error
+        each tool call:  arguments validated (pydantic; a JSON object in a ```json fence is
+                         taken as the object); misuse goes back as a tool error
             sql              → SQLTool.run (guarded, read-only, scoped to the slice)
-            submit_examples  → Gate → (a sample, or all while re-anchored) Judge → accepted
+            submit_examples  → Gate (one row lookup per batch) → Judge (a sample; every
+                               example while the drift test is suspicious, after an
+                               alarm, and for a fresh agent over rows another one left)
+                               → accepted
         the turn (assistant + tool results) goes into memory, pruned to the token budget
-        every gated/judged example feeds the DriftPolicy:
-            first alarm → re-anchor: memory reset to the pinned spec, judge every example,
-                          re-review the unjudged examples accepted lately (revoke the bad)
+        every off-spec submission and judged example feeds the DriftPolicy (a CUSUM of the
+        agent's bad rate against its own early rate, agents/drift.py):
+            first alarm → re-anchor once the turn is done: memory reset to the pinned spec
+                          with a note to resume after the highest accepted row, judge every
+                          example, re-review the unjudged examples accepted lately
             alarm again → stop "drift: ..."
     a failed LLM call (after the gateway's retries) → stop "llm_error: ..."
     the budget spent → stop "budget: ..."
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +40,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from agents.drift import DriftPolicy
-from agents.gates import INVALID_SCHEMA, LABEL_NOT_IN_SET, Gate, GateResult
+from agents.gates import INVALID_SCHEMA, LABEL_NOT_IN_SET, Gate, GateResult, row_key
 from agents.gateway import BudgetExceeded, LLMGateway
 from agents.judge import Judge, should_sample
 from agents.memory import AgentMemory
@@ -42,9 +49,11 @@ from agents.skills import Skill
 from agents.sql_tool import SQLRejected, SQLTool
 
 MAX_SUBMIT = 100
+_FENCE = re.compile(r"\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*", re.DOTALL | re.IGNORECASE)
 JUDGE_DISAGREED = "judge_disagreed"
 # What counts as the agent straying from the spec. A duplicate, a row outside the slice or a
-# copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm.
+# copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm; nor
+# does a label accepted after fixing its case (the gate normalises it).
 DRIFT_SIGNALS = {LABEL_NOT_IN_SET, INVALID_SCHEMA, JUDGE_DISAGREED}
 
 
@@ -65,6 +74,8 @@ class AgentResult:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     revoked: int = 0
+    labels_normalised: int = 0  # accepted after the gate fixed the label's case/whitespace
+    arguments_unfenced: int = 0  # tool arguments taken out of a markdown code fence
     calls: int = 0
     tool_errors: int = 0
     misuse: dict[str, int] = field(default_factory=dict)  # tool misuse by kind
@@ -72,6 +83,7 @@ class AgentResult:
     reanchors: int = 0
     drift_alarm_call: int | None = None   # this agent's call count at the first alarm
     drift_alarm_time: float | None = None  # and the wall-clock time (time.time())
+    drift_baseline: float | None = None  # the early bad rate the drift test measured against
     max_context_tokens: int = 0
     pruned_turns: int = 0
     stopped_reason: str = ""
@@ -167,6 +179,9 @@ def build_messages(skill: Skill, task: dict, sql_tool: SQLTool) -> list[dict]:
         user = (f"Top-up: submit only rows whose label is one of "
                 f"{', '.join(task['want_labels'])}; skip the others.\n<slice>\n"
                 f"{json.dumps(block)}\n</slice>")
+    if task.get("previous"):  # a fresh agent over the rows a stopped or failed one left
+        user = (f"An earlier agent on this slice did not finish ({task['previous']}). "
+                f"Your slice holds only the rows it left unlabelled.\n{user}")
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -183,12 +198,12 @@ def request_hash(model: str, messages: list[dict], tools: list[dict], params: di
 class _Agent:
     """The state of one running agent; `run_agent` below is the whole story."""
 
-    def __init__(self, gateway, config, skill, task, sql_tool, gate, row_lookup, on_example,
+    def __init__(self, gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
                  agent_name, slice_id, judge, drift):
         self.gateway: LLMGateway = gateway
         self.config: AgentConfig = config
         self.task, self.sql_tool, self.gate = task, sql_tool, gate
-        self.row_lookup, self.on_example = row_lookup, on_example
+        self.rows_lookup, self.on_example = rows_lookup, on_example
         self.agent, self.slice_id = agent_name, slice_id
         self.judge: Judge | None = judge
         self.drift: DriftPolicy | None = drift
@@ -200,10 +215,12 @@ class _Agent:
             self.result.transcript.append(message)
         self.labelled: dict[str, str] = {}     # row_id -> accepted label
         self.unjudged: list[dict] = []         # accepted, not yet reviewed: re-review material
-        self.judge_all = False                 # after a drift alarm, every example is judged
+        # after a drift alarm, and for a fresh agent over rows another one left (`previous`),
+        # every example is judged
+        self.judge_all = bool(task.get("previous"))
         self.nudges = 0
         self.last_id: Any = None
-        self.just_reanchored = False           # this turn reset memory: don't add it back
+        self.reanchor_due = False              # an alarm fired this turn: re-anchor after it
 
     # one LLM call
     def call(self) -> Completion | None:
@@ -254,14 +271,14 @@ class _Agent:
         if isinstance(args, dict):
             return args, "submit: invalid arguments"
         passed, rejected = [], []
-        for item in args.examples:
-            verdict = self.gate.check(item, self.row_lookup)
+        for verdict in self.gate.check_batch(args.examples, self.rows_lookup):
             if verdict.ok:
                 passed.append(verdict)
             else:
                 rejected.append(self.reject(verdict.row_id, verdict.label, verdict.reason,
                                             verdict.message))
-        verdicts = self.review([v for v in passed if self.judge_all or should_sample(
+        look_hard = self.judge_all or (self.drift is not None and self.drift.suspicious)
+        verdicts = self.review([v for v in passed if look_hard or should_sample(
             v.row_id, self.config.judge_sample_rate, self.config.seed)])
         accepted = 0
         for v in passed:
@@ -284,8 +301,9 @@ class _Agent:
 
     def accept(self, v: GateResult, judged: bool) -> None:
         self.result.accepted += 1
+        self.result.labels_normalised += v.normalised
         self.nudges = 0  # progress: a later early stop gets its own nudges
-        self.labelled[str(v.row_id)] = v.label
+        self.labelled[row_key(v.row_id)] = v.label
         self.last_id = v.row_id if self.last_id is None else max(
             v.row_id, self.last_id, key=_id_order)
         if judged:
@@ -322,19 +340,27 @@ class _Agent:
             return
         action = self.drift.observe(ok, at=self.result.calls)
         if action == "reanchor":
-            self.reanchor()
+            self.alarm()
         elif action == "stop" and not self.result.stopped_reason.startswith("drift"):
             self.result.stopped_reason = self.drift.reason
             self.judge_all = True  # whatever it accepted unjudged is suspect too
 
-    def reanchor(self) -> None:
-        """Memory back to the pinned spec; judge everything; re-review the recent unjudged."""
+    def alarm(self) -> None:
+        """The first alarm: judge everything from now on; re-anchor when the turn is done
+        (mid-batch, more rows of this submission may still be accepted, and the note must
+        resume after the highest of them)."""
         self.result.reanchors += 1
-        self.just_reanchored = True
+        self.reanchor_due = True
         if self.result.drift_alarm_call is None:
             self.result.drift_alarm_call = self.result.calls
             self.result.drift_alarm_time = time.time()
+            self.result.drift_baseline = round(self.drift.monitor.p0, 4)
         self.judge_all = True
+
+    def reanchor(self) -> None:
+        """Memory back to the pinned spec, resuming after the highest accepted row; the
+        recent unjudged examples re-reviewed."""
+        self.reanchor_due = False
         self.rereview()
         after = {"resume_after_id": self.last_id} if self.last_id is not None else {}
         note = (f"[memory] Re-anchored: your recent labels drifted from the task. Re-read the "
@@ -353,7 +379,7 @@ class _Agent:
             review = reviewed.get(str(s["row_id"]))
             if review is not None and review.agree is False:
                 self.gate.forget(s["row_id"])
-                self.labelled.pop(str(s["row_id"]), None)
+                self.labelled.pop(row_key(s["row_id"]), None)
                 self.result.accepted -= 1
                 self.result.revoked += 1
                 self.on_example({"agent": self.agent, "row_id": s["row_id"], "label": s["label"],
@@ -361,8 +387,13 @@ class _Agent:
 
     # helpers
     def parse(self, arguments: str | None, model: type[BaseModel]):
+        text = arguments or ""
+        fenced = _FENCE.fullmatch(text)
+        if fenced:  # a hosted-model habit: the JSON object inside a markdown code fence
+            text = fenced.group(1)
+            self.result.arguments_unfenced += 1
         try:
-            raw = json.loads(arguments or "")
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
             return self.misuse("invalid_arguments", f"arguments are not valid JSON: {e}")
         try:
@@ -386,22 +417,33 @@ def run_agent(
     task: dict,
     sql_tool: SQLTool,
     gate: Gate,
-    row_lookup: Callable[[str | int], dict | None],
+    row_lookup: Callable[[str | int], dict | None] | None = None,
     on_example: Callable[[dict], None],
     agent_name: str,
     slice_id: str | None = None,
     judge: Judge | None = None,
     drift: DriftPolicy | None = None,
+    rows_lookup: Callable[[list], dict[str, dict]] | None = None,
 ) -> AgentResult:
-    """Run one sub-agent over its slice until it finishes, fails, drifts or spends max_turns."""
-    a = _Agent(gateway, config, skill, task, sql_tool, gate, row_lookup, on_example,
+    """Run one sub-agent over its slice until it finishes, fails, drifts or spends max_turns.
+
+    The gate finds submitted rows with `rows_lookup(ids) -> {row_key(id): row}` (one query
+    per submission), or `row_lookup(id) -> row | None` one at a time."""
+    if rows_lookup is None:
+        if row_lookup is None:
+            raise TypeError("run_agent needs rows_lookup or row_lookup")
+        rows_lookup = _one_by_one(row_lookup)
+    a = _Agent(gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
                agent_name, slice_id, judge, drift)
     for _ in range(config.max_turns):
         completion = a.call()
         if completion is None:
             break
         a.result.calls += 1
-        reply = {"role": "assistant", "content": completion.text}
+        # an empty answer (a hosted-model quirk) is kept as a visible placeholder: providers
+        # such as Anthropic refuse an assistant message with empty content
+        reply = {"role": "assistant", "content": completion.text
+                 or ("" if completion.tool_calls else "(empty reply)")}
         if completion.tool_calls:
             reply["tool_calls"] = [
                 {"id": c.id, "type": "function",
@@ -431,14 +473,21 @@ def run_agent(
             notes.append(note)
         if a.result.stopped_reason.startswith("drift"):
             break
-        if a.just_reanchored:  # the drifted turn stays out of the fresh memory
-            a.just_reanchored = False
+        if a.reanchor_due:  # the drifted turn stays out of the fresh memory
+            a.reanchor()
             continue
         a.memory.add_turn([reply, *answers], importance=importance, note="; ".join(notes))
         a.result.transcript.extend([reply, *answers])
     a.result.max_context_tokens = a.memory.max_tokens_seen
     a.result.pruned_turns = a.memory.pruned_turns
     return a.result
+
+
+def _one_by_one(row_lookup: Callable[[str | int], dict | None]):
+    def rows_lookup(ids: list) -> dict[str, dict]:
+        found = {row_key(i): row_lookup(i) for i in ids}
+        return {k: v for k, v in found.items() if v is not None}
+    return rows_lookup
 
 
 def _row_text(row: dict | None, limit: int = 600) -> str:

@@ -14,7 +14,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from agents.drift import DriftMonitor, DriftPolicy
+from agents.drift import DriftMonitor, DriftPolicy, DriftSettings, FleetBaseline
 from agents.gateway import LLMGateway
 from agents.judge import Judge
 from agents.ledger import CostLedger, load_prices
@@ -87,6 +87,10 @@ class Runtime:
             self.gateways[name] = LLMGateway(
                 provider, role=name, cache=self.store.call_cache(), ledger=self.ledger,
                 limiter=limiter, on_call=self._record)
+        # the drift test's settings, and the fleet's early bad rate shared by this process's
+        # agents (agents/drift.py)
+        self.drift_settings = DriftSettings(**self.spec.generation.drift.model_dump())
+        self.fleet = FleetBaseline(self.drift_settings)
         self.judge = None
         if llm.judge is not None:
             self.judge = Judge(self.gateways["judge"], model=llm.judge.model,
@@ -97,10 +101,11 @@ class Runtime:
     def _record(self, record: dict) -> None:
         self.store.record_call(self.settings.run_id, **record)
 
-    def drift_policy(self) -> DriftPolicy:
-        g = self.spec.generation
-        return DriftPolicy(DriftMonitor(window=g.drift_window, threshold=g.drift_threshold,
-                                        min_observations=max(5, g.drift_window // 2)))
+    def drift_policy(self, rows: int) -> DriftPolicy:
+        """A fresh drift test for an agent over `rows` rows: it sees about one observation a
+        row (twice that at most, with corrections), so that bounds its false alarms."""
+        return DriftPolicy(DriftMonitor(self.drift_settings, horizon=2 * max(rows, 1),
+                                        fleet=self.fleet))
 
 
 _lock = threading.Lock()

@@ -215,6 +215,40 @@ class LLM(_Strict):
                                   ("tuner", self.tuner)) if r is not None}
 
 
+class Drift(_Strict):
+    """The drift test (agents/drift.py): a CUSUM of each agent's bad rate (off-spec
+    submissions and judge disagreements) against its own early rate."""
+
+    baseline_rate: float = Field(
+        0.10, gt=0.0, lt=1.0, description="Bad rate any agent may have all along (cheap "
+        "models mislabel ~10%): the floor of the early rate a rise is measured against.")
+    max_baseline_rate: float = Field(
+        0.20, gt=0.0, lt=1.0, description="Ceiling of the early rate: a worse start is not "
+        "taken as the agent's normal.")
+    odds_ratio: float = Field(
+        3.0, gt=1.0, description="The rise to detect: the early rate's odds times this.")
+    false_alarm_rate: float = Field(
+        0.01, gt=0.0, lt=0.5, description="Chance of any false alarm over one agent's whole "
+        "slice, whatever its length (sets the CUSUM threshold).")
+    warmup: int = Field(40, ge=0, description="Observations that set the agent's early rate.")
+    min_observations: int = Field(20, ge=1, description="No alarm before this many.")
+    fleet_warmup: int = Field(
+        200, ge=0, description="The run's first observations (all agents of a process) set "
+        "the fleet's early rate; an agent is measured against the lower of its own and the "
+        "fleet's, so one that starts after the fleet went bad is still caught. 0: own only.")
+    suspicion: float = Field(
+        0.33, gt=0.0, le=1.0, description="Share of the alarm level past which every example "
+        "is judged until the test settles (more judge calls, a quicker alarm).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Drift:
+        if self.max_baseline_rate < self.baseline_rate:
+            raise _FieldError("generation.drift.max_baseline_rate",
+                              f"must be >= baseline_rate ({self.baseline_rate}), got "
+                              f"{self.max_baseline_rate}")
+        return self
+
+
 class Generation(_Strict):
     concurrency: int = Field(4, ge=1, description="Sub-agents running at once.")
     max_turns: int = Field(40, ge=1, description="LLM calls one agent may make.")
@@ -231,10 +265,13 @@ class Generation(_Strict):
     judge_sample_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Share of accepted examples the judge reviews."
     )
-    drift_window: int = Field(40, ge=5, description="Recent gated/judged examples watched.")
-    drift_threshold: float = Field(
-        0.25, gt=0.0, lt=1.0, description="Bad share in the window that raises the alarm."
-    )
+    drift: Drift = Field(default_factory=Drift, description="The per-agent drift test.")
+    max_agent_retries: int = Field(
+        2, ge=0, description="Rounds of fresh agents over the rows that stopped or failed "
+        "agents left unlabelled (each told why the last one stopped).")
+    min_coverage: float = Field(
+        0.98, ge=0.0, le=1.0, description="Labelled rows / planned rows (copies of held-out "
+        "rows excluded) below which the run fails before training, naming the slices.")
     max_nudges: int = Field(
         2, ge=0, description="Times an agent that stops early is told rows remain."
     )
@@ -275,6 +312,9 @@ class Promotion(_Strict):
         description="Also refuse promotion when any label's F1 is more than this below the "
         "champion's on the same rows; null: no per-label check.",
     )
+    min_over_baseline: float = Field(
+        0.05, ge=0.0, description="Never promote a model whose metric does not beat always "
+        "answering the commonest held-out label by more than this (champion or not).")
     require_approval: bool = Field(
         False, description="Pause before moving the alias until a person approves in the "
         "Prefect UI (the run waits for input)."
@@ -325,6 +365,18 @@ class Spec(_Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Tracking
     store: Store = Field(default_factory=Store)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        gen = data.get("generation") if isinstance(data, dict) else None
+        old = [k for k in ("drift_window", "drift_threshold") if isinstance(gen, dict) and k in gen]
+        if old:
+            raise _FieldError(
+                f"generation.{old[0]}",
+                "was replaced by generation.drift (a CUSUM test of a rise in each agent's bad "
+                "rate, with baseline_rate, odds_ratio, false_alarm_rate ...): remove it")
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:

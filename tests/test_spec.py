@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.spec import load_spec
+from flows.spec import SpecError, load_spec
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
 GOOD = yaml.safe_load(DEMO.read_text())
@@ -165,3 +165,20 @@ def test_readme_shows_the_demo_spec_verbatim():
     block = readme.split("The demo spec, complete:\n\n```yaml\n", 1)[1].split("\n```", 1)[0]
     assert block == DEMO.read_text().rstrip("\n")
     assert main(["validate", str(DEMO)]) == 0
+
+
+def test_the_old_drift_keys_name_their_replacement(tmp_path):
+    path = _write(tmp_path, _broken(lambda d: d["generation"].update(drift_threshold=0.25)))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.problems[0].startswith("generation.drift_threshold: was replaced by "
+                                          "generation.drift")
+
+
+def test_drift_settings_are_checked(tmp_path):
+    path = _write(tmp_path, _broken(lambda d: d["generation"].update(
+        drift={"baseline_rate": 0.4, "max_baseline_rate": 0.2})))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.problems == [("generation.drift.max_baseline_rate: must be >= baseline_rate "
+                                "(0.4), got 0.2")]
