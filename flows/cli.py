@@ -42,9 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except MissingKey as e:
         print(e, file=sys.stderr)
         return 2
-    from flows.pipeline import post_training
+    from flows.pipeline import CoverageError, post_training
 
-    summary = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out)
+    try:
+        summary = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out)
+    except CoverageError as e:  # the run stopped before training: say why, in one place
+        print(f"posttrain run failed before training: {e}", file=sys.stderr)
+        print(f"coverage per slice: {Path(args.out) / 'coverage.json'}", file=sys.stderr)
+        return 1
     _print_summary(summary, Path(args.out))
     return 0
 
@@ -57,13 +62,16 @@ def _print_summary(summary: dict, out: Path) -> None:
     for key in ("llm", "resumed", "slices", "examples_accepted", "examples_rejected",
                 "tool_misuse", "llm_calls", "cache_hits", "input_tokens", "output_tokens",
                 "cost_usd", "label_tv_after", "train_examples", "eval_examples",
-                "base_accuracy", "accuracy", "macro_f1", "model_name", "model_version",
-                "promoted", "wall_seconds"):
+                "coverage", "base_accuracy", "majority_baseline", "accuracy", "macro_f1",
+                "model_name", "model_version", "promoted", "promotion_reason", "outcome",
+                "wall_seconds"):
         value = summary.get(key)
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else json.dumps(value)
                       if isinstance(value, dict) else str(value))
     console = Console()
     console.print(table)
+    for warning in summary.get("warnings") or []:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     console.print(f"summary: {out / 'summary.json'}")
     console.print(f"MLflow:  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}"
                   f"   (run {summary['mlflow_run_id']})")

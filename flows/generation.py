@@ -1,9 +1,13 @@
-"""The generation stage: one sub-agent per slice, then targeted top-up for balance.
+"""The generation stage: one sub-agent per slice, fresh agents for what they left, then
+targeted top-up for balance.
 
 `generate` maps `generate_slice` (a Prefect task, one per slice) over the slices on the task
-runner the spec chooses (`generation.task_runner`, see `sub_agent_runner`). `rebalance`
-measures the accepted labels against the spec's target and sends top-up agents over the
-still-unlabelled rows for the under-represented labels.
+runner the spec chooses (`generation.task_runner`, see `sub_agent_runner`); a task that fails
+comes back as a result whose `stopped_reason` starts with "failed:", never lost. `cover`
+measures each slice's coverage and sends a fresh agent (told why the last one stopped) over
+the rows a stopped, failed or short agent left, for up to `generation.max_agent_retries`
+rounds. `rebalance` measures the accepted labels against the spec's target and sends top-up
+agents over the still-unlabelled rows for the under-represented labels.
 
 Where the agents run, and what they share:
 - `thread` (default): a thread pool of `generation.concurrency` in the flow's process. Every
@@ -45,7 +49,7 @@ from agents.loop import AgentConfig, run_agent
 from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ScopedTable, SQLTool
-from flows import distribution
+from flows import coverage, distribution
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
 from flows.spec import Spec, load_spec
@@ -53,7 +57,7 @@ from flows.store import Store
 from flows.warehouse import (
     SliceDescriptor,
     fetch_eval_rows,
-    fetch_slice_row,
+    fetch_slice_rows,
     render_completion,
     render_prompt,
     shared_engine,
@@ -64,10 +68,11 @@ from flows.warehouse import (
 # ── 2. generate: one sub-agent per slice ────────────────────────────────────────────────────
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
-                   want_labels: list[str] | None = None) -> dict:
-    """One sub-agent labels one slice. A slice finished by an earlier, killed attempt of this
-    run is skipped; an unfinished one starts over, its completed LLM calls served from the
-    call cache, so a resumed run spends nothing twice."""
+                   want_labels: list[str] | None = None, handover: str | None = None) -> dict:
+    """One sub-agent labels one slice (`handover`: why the agent before it on these rows
+    stopped, for a retry). A slice finished by an earlier, killed attempt of this run is
+    skipped; an unfinished one starts over, its completed LLM calls served from the call
+    cache, so a resumed run spends nothing twice."""
     rt = get_runtime(settings)
     spec, store, run_id = rt.spec, rt.store, settings.run_id
     previous = next((s for s in store.list_slices(run_id)
@@ -113,18 +118,19 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
         skill=load_skill(spec.task.skill),
         task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
               "labels": spec.task.labels, "page_size": g.page_size,
-              "description": spec.task.description, "want_labels": want_labels or []},
+              "description": spec.task.description, "want_labels": want_labels or [],
+              "previous": handover},
         sql_tool=SQLTool(engine, ScopedTable(
             name=descriptor.table, columns=descriptor.columns, source_sql=descriptor.sql,
             params=descriptor.params, id_column=descriptor.id_column,
         ), row_limit=g.sql_row_limit),
         gate=Gate(spec.task.labels, is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
-        row_lookup=lambda row_id: fetch_slice_row(engine, descriptor, row_id),
+        rows_lookup=lambda row_ids: fetch_slice_rows(engine, descriptor, row_ids),
         on_example=on_example,
         agent_name=agent,
         slice_id=descriptor.slice_id,
         judge=rt.judge,
-        drift=rt.drift_policy(),
+        drift=rt.drift_policy(descriptor.row_count),
     )
     _write_transcript(settings, descriptor.slice_id, result.transcript)
     rejected = sum(result.rejected.values())
@@ -139,6 +145,9 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
             "revoked": result.revoked, "misuse": result.misuse, "reanchors": result.reanchors,
             "drift_alarm_call": result.drift_alarm_call,
             "drift_alarm_time": result.drift_alarm_time,
+            "drift_baseline": result.drift_baseline,
+            "labels_normalised": result.labels_normalised,
+            "arguments_unfenced": result.arguments_unfenced,
             "max_context_tokens": result.max_context_tokens,
             "stopped_reason": result.stopped_reason, "resumed": False,
             "process": this_process()}
@@ -217,22 +226,78 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
              concurrency: int, want_labels: list[str] | None = None,
-             runner: TaskRunner | None = None) -> list[dict]:
+             runner: TaskRunner | None = None,
+             handover: dict[str, str] | None = None) -> list[dict]:
     """Map one agent task per slice, `concurrency` at a time, on `runner` (started), or on a
     runner of the spec's `generation.task_runner` made for this call. Results come back in
-    slice order."""
+    slice order; a task that failed (after Prefect's retries) is a result with
+    `stopped_reason` "failed: ..." and its slice is marked failed in the store.
+    `handover`: slice id -> why the last agent on those rows stopped (retries)."""
     if runner is None:
         with sub_agent_runner(load_spec(settings.spec_path), concurrency) as started:
-            return generate(slices, settings, progress_id, concurrency, want_labels, started)
+            return generate(slices, settings, progress_id, concurrency, want_labels, started,
+                            handover)
     futures = runner.map(generate_slice, {
         "descriptor": slices, "settings": unmapped(settings),
-        "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels)})
+        "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels),
+        "handover": [(handover or {}).get(s.slice_id) for s in slices]})
     here, progress = this_process(), Progress.get(progress_id)
+    results: dict[int, dict] = {}
+    index = {id(f): i for i, f in enumerate(futures)}
     for future in as_completed(list(futures)):
-        result = future.result()
-        if result.get("process") != here:  # another process could not move this one's bars
-            progress.advance("generate", result["accepted"])
-    return [f.result() for f in futures]
+        i = index[id(future)]
+        try:
+            results[i] = future.result()
+        except Exception as e:  # noqa: BLE001 - any agent failure is recorded, never lost
+            results[i] = _failed(slices[i], settings, e)
+            continue
+        if results[i].get("process") != here:  # another process could not move these bars
+            progress.advance("generate", results[i]["accepted"])
+    return [results[i] for i in range(len(futures))]
+
+
+def _failed(descriptor: SliceDescriptor, settings: RuntimeSettings, error: Exception) -> dict:
+    reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    get_runtime(settings).store.update_slice(settings.run_id, descriptor.slice_id,
+                                             status="failed", stopped_reason=reason)
+    _logger().error("agent %s failed: %s", descriptor.slice_id, reason)
+    return {"slice_id": descriptor.slice_id, "accepted": 0, "rejected": 0, "revoked": 0,
+            "misuse": {}, "reanchors": 0, "drift_alarm_call": None, "drift_alarm_time": None,
+            "max_context_tokens": 0, "stopped_reason": reason, "resumed": False,
+            "process": None}
+
+
+def cover(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+          results: list[dict], settings: RuntimeSettings, progress_id: str,
+          runner: TaskRunner | None = None) -> list[dict]:
+    """Fresh agents over the rows that stopped, failed or short agents left unlabelled,
+    `generation.max_agent_retries` rounds at most; each is told why the last one stopped.
+    Returns the retry agents' results."""
+    engine = shared_engine(spec.warehouse.url)
+    by_slice = {s.slice_id: s for s in slices}
+    retried: list[dict] = []
+    for round_no in range(1, spec.generation.max_agent_retries + 1):
+        cov = coverage.measure(store, run_id, slices, results + retried)
+        short = [c for c in cov.values() if c.retryable > 0]
+        if not short:
+            break
+        jobs, why = [], {}
+        for c in short:
+            job = without_rows(by_slice[c.slice_id], c.done_rows + c.disputed_rows,
+                               f"{c.slice_id}+retry{round_no}", engine)
+            last = c.agents[-1].split(": ", 1)[-1] if c.agents else "no agent ran"
+            why[job.slice_id] = (
+                f"it finished without a label for {c.retryable} of {c.planned} rows"
+                if last == "completed" else
+                f"it stopped ({last}) and left {c.retryable} of {c.planned} rows unlabelled")
+            jobs.append(job)
+        store.add_slices(run_id, jobs)
+        _logger().warning("coverage round %d: %d rows unlabelled in %d slices; fresh agents: "
+                          "%s", round_no, sum(c.retryable for c in short), len(short),
+                          ", ".join(f"{c.slice_id} ({c.retryable})" for c in short[:20]))
+        retried += generate(jobs, settings, progress_id, spec.generation.concurrency,
+                            runner=runner, handover=why)
+    return retried
 
 
 def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
@@ -260,7 +325,7 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
             break
         done: dict[str, list[str]] = {}
         for ex in store.accepted_examples(run_id):
-            done.setdefault(ex["slice_id"].split("+topup")[0], []).append(ex["row_id"])
+            done.setdefault(coverage.base_slice(ex["slice_id"]), []).append(ex["row_id"])
         jobs = [without_rows(s, done.get(s.slice_id, []), f"{s.slice_id}+topup{round_no}",
                              engine) for s in slices]
         jobs = [j for j in jobs if j.row_count > 0]

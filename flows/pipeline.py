@@ -28,14 +28,15 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
-from flows import distribution, tracking
+from flows import coverage, distribution, tracking
 from flows.approval import ask_approval
-from flows.generation import generate, held_out_prompts, rebalance, sub_agent_runner
+from flows.generation import cover, generate, held_out_prompts, rebalance, sub_agent_runner
 from flows.overrides import pin_overrides
 from flows.preferences import train_dpo, write_pairs
 from flows.progress import Progress
@@ -53,7 +54,12 @@ from flows.warehouse import (
     render_prompt,
     shared_engine,
 )
-from training.evaluate import confusion_matrix_png, evaluate_classifier, per_label_report
+from training.evaluate import (
+    classification_metrics,
+    confusion_matrix_png,
+    evaluate_classifier,
+    per_label_report,
+)
 from training.launch import OFFLINE_ENV, launch_sft
 from training.registry import (
     champion_model_dir,
@@ -162,7 +168,9 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
     champion = (evaluate_classifier(str(champion_dir), prompts, gold, **kw)
                 if champion_dir else None)
     # context for the base model's figure: always answering the commonest gold label
-    majority = max(Counter(gold).values()) / len(gold) if gold else 0.0
+    commonest = Counter(gold).most_common(1)[0][0] if gold else None
+    trivial = classification_metrics([commonest] * len(gold), gold, labels) if gold else None
+    majority = trivial["accuracy"] if trivial else 0.0
     (out_dir / "eval.json").write_text(json.dumps(
         {"base": base, "sft": sft, "final": final, "champion": champion,
          "champion_version": champion_v, "majority_baseline": majority}, indent=2))
@@ -183,7 +191,8 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
         f"champion v{champion_v} {champion['accuracy']:.3f}" if champion
         else "no champion")
     return {"n": len(rows), "base": base, "sft": sft, "final": final, "champion": champion,
-            "majority_baseline": majority}
+            "majority_baseline": majority,
+            "majority_macro_f1": trivial["macro_f1"] if trivial else 0.0}
 
 
 # ── 6. register, decide, (ask a person), promote ─────────────────────────────────────────
@@ -206,9 +215,11 @@ def promote(spec: Spec, version: str, decision: dict) -> dict:
 def decide(spec: Spec, version: str, ev: dict, mlflow_run_id: str) -> tuple[dict, dict | None]:
     """The spec's rule on this run's held-out rows, then a person's answer when it asks one."""
     rule = spec.evaluation.promotion
+    baseline = ev["majority_baseline"] if rule.metric == "accuracy" else ev["majority_macro_f1"]
     decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
                                 min_improvement=rule.min_improvement,
-                                max_label_drop=rule.max_label_drop)
+                                max_label_drop=rule.max_label_drop, baseline=baseline,
+                                min_over_baseline=rule.min_over_baseline)
     if not (decision["promote"] and rule.require_approval):
         return decision, None
     champion = (f"champion {ev['champion'][rule.metric]:.3f}" if ev["champion"]
@@ -344,11 +355,16 @@ def post_training(
         with sub_agent_runner(spec) as runner:  # threads here, or a Dask cluster (spec)
             agent_results = generate(slices, settings, progress.id,
                                      spec.generation.concurrency, runner=runner)
+            # rows a stopped, failed or short agent left go to fresh agents
+            agent_results += cover(spec, store, run_id, slices, agent_results, settings,
+                                   progress.id, runner=runner)
             balance = rebalance(spec, store, run_id, slices, settings, progress.id,
                                 runner=runner)
         agent_results += balance.pop("topup_results")
         progress.stop("generate")
         stage_seconds["generate"] = time.perf_counter() - t
+        covered = check_coverage(spec, store, run_id, slices, agent_results, out, client,
+                                 mlflow_run_id)
 
         t = time.perf_counter()
         dataset = curate(spec, spec_path, store_url, run_id, out, mlflow_run_id)
@@ -422,12 +438,23 @@ def post_training(
             "topup_slices": balance["topup_slices"],
             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
                                if r["stopped_reason"] != "completed"},
+            "agents_failed": sorted(r["slice_id"] for r in agent_results
+                                    if r["stopped_reason"].startswith("failed")),
+            "agent_retries": sum("+retry" in r["slice_id"] for r in agent_results),
+            "coverage": covered["coverage"],
+            "coverage_rows": {k: covered[k] for k in ("planned_rows", "labelled_rows",
+                                                      "excluded_rows", "unlabelled_rows",
+                                                      "disputed_rows")},
+            "coverage_by_slice": covered["slices"],
+            "labels_normalised": sum(r.get("labels_normalised", 0) for r in agent_results),
+            "arguments_unfenced": sum(r.get("arguments_unfenced", 0) for r in agent_results),
             "examples_accepted": sum(r["accepted"] for r in agent_results),
             "examples_rejected": store.rejection_counts(run_id),
             "tool_misuse": dict(misuse),
             "reanchors": sum(r.get("reanchors", 0) for r in agent_results),
             "drift_alarms": [{"slice_id": r["slice_id"], "at_call": r["drift_alarm_call"],
-                              "time": r["drift_alarm_time"]} for r in agent_results
+                              "time": r["drift_alarm_time"],
+                              "baseline": r.get("drift_baseline")} for r in agent_results
                              if r.get("drift_alarm_call") is not None],
             "max_context_tokens": max((r.get("max_context_tokens", 0) for r in agent_results),
                                       default=0),
@@ -472,6 +499,7 @@ def post_training(
             "stage_seconds": {k: round(v, 2) for k, v in stage_seconds.items()},
             "wall_seconds": round(time.perf_counter() - started, 2),
         }
+        summary.update(outcome(summary, covered))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         store.finish_run(run_id, "completed", summary)
         tracking.log_metrics(client, mlflow_run_id, {
@@ -489,7 +517,68 @@ def post_training(
                         train_result, dpo, tuned)
         if (out / "transcripts").is_dir():
             client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
+        if summary["warnings"]:  # the flow run's state says so too, not only the logs
+            print("Completed with warnings:\n- " + "\n- ".join(summary["warnings"]))
+            return Completed(data=summary, name="Completed with warnings",
+                             message="; ".join(summary["warnings"])[:2000])
         return summary
+
+
+class CoverageError(RuntimeError):
+    """Too few planned rows got a label: the run stops before training on them."""
+
+
+def check_coverage(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+                   agent_results: list[dict], out: Path, client: MlflowClient,
+                   mlflow_run_id: str) -> dict:
+    """Coverage per slice and in total, logged to MLflow; below generation.min_coverage the
+    run fails here, before training, naming the slices and how their agents stopped."""
+    cov = coverage.measure(store, run_id, slices, agent_results)
+    report = {**coverage.totals(cov), "min_coverage": spec.generation.min_coverage,
+              "slices": [c.as_dict() for c in cov.values()]}
+    (out / "coverage.json").write_text(json.dumps(report, indent=2))
+    client.log_artifact(mlflow_run_id, str(out / "coverage.json"))
+    tracking.log_metrics(client, mlflow_run_id, {"coverage": report["coverage"],
+                                                 "unlabelled_rows": report["unlabelled_rows"]})
+    get_run_logger().info("coverage %.1f%%: %d of %d rows labelled (%d excluded as copies of "
+                          "held-out rows)", 100 * report["coverage"], report["labelled_rows"],
+                          report["planned_rows"] - report["excluded_rows"],
+                          report["excluded_rows"])
+    short = coverage.shortfall(cov, spec.generation.min_coverage)
+    if short:
+        (out / "summary.json").write_text(json.dumps(
+            {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "failed": True,
+             "reason": short, "coverage": report["coverage"],
+             "coverage_rows": {k: report[k] for k in ("planned_rows", "labelled_rows",
+                                                      "excluded_rows", "unlabelled_rows")},
+             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
+                                if r["stopped_reason"] != "completed"}}, indent=2))
+        raise CoverageError(short)
+    return report
+
+
+def outcome(summary: dict, covered: dict) -> dict:
+    """What a reader must know about the data behind the model, as `warnings` (empty: a
+    clean run) and `outcome` (clean | completed_with_warnings)."""
+    warnings = []
+    stopped = summary["agents_stopped"]
+    if stopped:
+        reasons = Counter(v.split(":", 1)[0] for v in stopped.values())
+        warnings.append(f"{len(stopped)} agents stopped before finishing "
+                        f"({', '.join(f'{k} {n}' for k, n in reasons.most_common())})"
+                        f"{'; fresh agents took over their rows' if summary['agent_retries'] else ''}")
+    if summary["agents_failed"]:
+        warnings.append(f"{len(summary['agents_failed'])} agent tasks failed: "
+                        f"{', '.join(summary['agents_failed'][:10])}")
+    if covered["unlabelled_rows"]:
+        disputed = covered["disputed_rows"]
+        warnings.append(f"{covered['unlabelled_rows']} of "
+                        f"{covered['planned_rows'] - covered['excluded_rows']} planned rows "
+                        f"have no label (coverage {covered['coverage']:.1%}"
+                        + (f"; {disputed} of them disputed: the judge rejected the agents' "
+                           "label twice" if disputed else "") + ")")
+    return {"outcome": "completed_with_warnings" if warnings else "clean",
+            "warnings": warnings}
 
 
 def unchanged_since_champion(client: MlflowClient, spec: Spec, fingerprint: str) -> str | None:

@@ -98,7 +98,8 @@ def slice_rows(store_slices: list[dict], planned: list[SliceDescriptor],
     descriptors alone (no agent figures) when the store has none."""
     if store_slices:
         return [{"slice": s["slice_id"],
-                 "kind": "top-up" if TOPUP_MARK in s["slice_id"] else "planned",
+                 "kind": "top-up" if TOPUP_MARK in s["slice_id"] else
+                 "retry" if "+retry" in s["slice_id"] else "planned",
                  "rows": s["row_count"], "accepted": s["accepted"], "rejected": s["rejected"],
                  "status": s["status"], "stopped": s["stopped_reason"] or ""}
                 for s in store_slices]
@@ -173,6 +174,9 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
     roles = spec.llm.roles()
     simulated = [n for n, r in roles.items() if r.simulated]
     lines = [f"# {spec.name}: post-training run {str(s['run_id'])[:8]}", ""]
+    warnings = s.get("warnings") or []
+    if warnings:  # what limits this run's data comes before anything else
+        lines += ["**Completed with warnings:**", ""] + [f"- {w}" for w in warnings] + [""]
     lines += _decision_lines(s, links)
     lines += ["", "Teacher: " + (f"posttrain's **SIMULATED** teacher plays {', '.join(simulated)}"
                                  if simulated else "real LLMs")
@@ -220,8 +224,15 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
     rejected = s.get("examples_rejected") or {}
     planned = sum(1 for r in slice_table if r["kind"] == "planned")
     lines += ["", "## Data", ""]
+    rows_cov = s.get("coverage_rows") or {}
     lines += _table(["", ""], [
-        ["slices (agents)", f"{planned} planned + {s.get('topup_slices', 0)} top-up"],
+        ["coverage (labelled / planned rows)",
+         (f"**{_num(s.get('coverage'))}** ({rows_cov.get('labelled_rows', '?')} of "
+         f"{(rows_cov.get('planned_rows') or 0) - (rows_cov.get('excluded_rows') or 0)}; "
+         f"{rows_cov.get('excluded_rows', 0)} copies of held-out rows excluded; "
+         f"{rows_cov.get('disputed_rows', 0)} left unlabelled after two judge rejections)")],
+        ["slices (agents)", (f"{planned} planned + {s.get('agent_retries', 0)} fresh agents "
+         f"over left rows + {s.get('topup_slices', 0)} top-up")],
         ["examples accepted", s.get("examples_accepted")],
         ["examples rejected by the gates", sum(rejected.values())],
         ["curated for training", (f"{s.get('train_examples')} "
@@ -247,6 +258,12 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
     if stopped:
         lines += ["", "Agents that stopped before finishing their slice:", ""]
         lines += _table(["slice", "stopped"], [[k, v] for k, v in stopped.items()], align="ll")
+    short = [c for c in s.get("coverage_by_slice") or [] if c.get("missing")]
+    if short:
+        lines += ["", "Slices with unlabelled rows:", ""]
+        lines += _table(["slice", "labelled", "planned", "excluded", "coverage", "agents"], [
+            [c["slice_id"], c["labelled"], c["planned"], c["excluded"], _num(c["coverage"]),
+             "; ".join(c.get("agents") or [])] for c in short], align="lrrrrl")
 
     # labels
     lines += ["", "## Label distribution", ""]

@@ -303,6 +303,19 @@ class Store:
             )
             return [_row(r, skip=("reason",)) for r in rows]
 
+    def row_outcomes(self, run_id: str, reasons: tuple[str, ...] = ()) -> list[tuple]:
+        """(slice_id, row_id, status) of every accepted example, and of every rejection for
+        one of `reasons` (as status `reason`): what coverage is measured from. One query."""
+        with self._session() as s:
+            cond = Example.status == "accepted"
+            if reasons:
+                cond = cond | ((Example.status == "rejected") & Example.reason.in_(reasons))
+            rows = s.execute(sa.select(
+                Example.slice_id, Example.row_id,
+                sa.case((Example.status == "accepted", "accepted"), else_=Example.reason),
+            ).where(Example.run_id == run_id, cond)).all()
+            return [tuple(r) for r in rows]
+
     def rejection_counts(self, run_id: str) -> dict[str, int]:
         """reason -> how many submissions the gates rejected for it, most frequent first."""
         with self._session() as s:

@@ -16,15 +16,22 @@ from mlflow.tracking import MlflowClient
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
 
 
-def tiny_spec(warehouse_url: str, tmp: Path, **training) -> Path:
+# A student that learns the task from ~160 articles (0.71 held-out accuracy against a 0.26
+# majority baseline in `bench/sft_accuracy.py --quick`): what promotion needs to see.
+LEARNS = {"student": {"hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                      "intermediate_size": 512, "vocab_size": 1000},
+          "training": {"max_steps": 300, "learning_rate": 0.001}}
+
+
+def tiny_spec(warehouse_url: str, tmp: Path, student: dict | None = None, **training) -> Path:
     data = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
     data["warehouse"]["url"] = warehouse_url
     data["llm"].pop("tuner", None)  # tuning and DPO have their own test (test_pipeline_stages)
     data["tuning"]["enabled"] = data["dpo"]["enabled"] = False
     data["slicing"]["max_rows_per_slice"] = 40
     data["generation"].update(concurrency=3, page_size=20)
-    data["student"]["tiny"] = {"hidden_size": 64, "num_layers": 1, "num_heads": 2,
-                               "intermediate_size": 128, "vocab_size": 400}
+    data["student"]["tiny"] = student or {"hidden_size": 64, "num_layers": 1, "num_heads": 2,
+                                          "intermediate_size": 128, "vocab_size": 400}
     data["training"].update({"max_steps": 150, "batch_size": 8, "learning_rate": 0.003,
                              "max_length": 256, **training})
     data["evaluation"].update(holdout_fraction=0.2)
@@ -40,10 +47,12 @@ def two_runs(small_warehouse_url, tmp_path_factory, prefect_api):
     from flows.pipeline import post_training
 
     tmp = tmp_path_factory.mktemp("pipeline")
-    first = post_training(spec_path=str(tiny_spec(small_warehouse_url, tmp)),
-                          out_dir=str(tmp / "run1"))
-    second = post_training(spec_path=str(tiny_spec(small_warehouse_url, tmp, max_steps=1)),
-                           out_dir=str(tmp / "run2"))
+    first = post_training(spec_path=str(tiny_spec(
+        small_warehouse_url, tmp, LEARNS["student"], **LEARNS["training"])),
+        out_dir=str(tmp / "run1"))
+    second = post_training(spec_path=str(tiny_spec(
+        small_warehouse_url, tmp, LEARNS["student"], **{**LEARNS["training"], "max_steps": 1})),
+        out_dir=str(tmp / "run2"))
     return tmp, first, second
 
 
@@ -131,7 +140,9 @@ def test_mlflow_parent_child_dataset_and_registry(two_runs):
 
     # the second run judged the champion on its own held-out rows: the same rows and the
     # same model as the first run, so the same accuracy
-    assert first["champion_accuracy"] is None and first["promotion_reason"] == "no champion yet"
+    assert first["champion_accuracy"] is None
+    assert first["promotion_reason"].startswith("no champion yet; accuracy ")
+    assert first["accuracy"] > first["majority_baseline"] + 0.05
     assert second["champion_accuracy"] == pytest.approx(first["accuracy"])
     assert second["promotion_reason"].startswith("accuracy ")
     assert client.get_model_version(first["model_name"], "2").tags["promotion"] == (

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import yaml
 
 from tests.servers import drain_prefect_senders, start_prefect_server, stop_process
-from tests.test_pipeline import tiny_spec
+from tests.test_pipeline import LEARNS, tiny_spec
 
 READER_ROLE = "posttrain_reader"  # what flows/pipeline.py's plan-slices ensures
 STORE_SCHEMA = "posttrain_store"
@@ -125,7 +125,7 @@ def stack_run(pg_databases, pg_prefect_server, tmp_path_factory):
     store_url = f"{wh_url}{sep}options=-csearch_path%3D{STORE_SCHEMA}"
     mlflow_uri = _db_url(server, names["mlflow"], "postgresql")
 
-    spec_path = tiny_spec(wh_url, tmp)
+    spec_path = tiny_spec(wh_url, tmp, LEARNS["student"], **LEARNS["training"])  # promotable
     data = yaml.safe_load(spec_path.read_text())
     data["llm"].pop("tuner", None)  # tuning and DPO stay off: this test is about the stores
     data["tuning"]["enabled"] = data["dpo"]["enabled"] = False

@@ -290,3 +290,15 @@ def test_failed_training_raises_with_the_reason(tmp_path):
         launch_sft(config, tmp_path / "run")
     assert "missing.jsonl" in err.value.reason
     assert err.value.returncode != 0 and (tmp_path / "run" / "train.log").is_file()
+
+
+def test_a_model_no_better_than_the_majority_baseline_is_never_promoted():
+    rule = {"metric": "accuracy", "min_improvement": 0.0, "max_label_drop": None,
+            "baseline": 0.527, "min_over_baseline": 0.05}
+    weak = _result(0.559, tech=0.5, sport=0.6)
+    for champion in (None, _result(0.40, tech=0.3, sport=0.4)):  # champion or not
+        verdict = decide_promotion(weak, champion, **rule)
+        assert not verdict["promote"]
+        assert verdict["reason"].startswith("accuracy 0.559 <= majority baseline 0.527 + 0.05")
+    good = decide_promotion(_result(0.80, tech=0.8, sport=0.8), None, **rule)
+    assert good["promote"] and "> majority baseline 0.527" in good["reason"]

@@ -131,16 +131,27 @@ def decide_promotion(
     metric: str,
     min_improvement: float,
     max_label_drop: float | None,
+    baseline: float | None = None,
+    min_over_baseline: float = 0.0,
 ) -> dict:
     """Whether `candidate` should replace `champion` (both `evaluate_classifier` results on
-    the same rows): it must beat the champion's `metric` by more than `min_improvement` and,
-    when `max_label_drop` is set, lose no more than that much F1 on any label.
+    the same rows): it must beat the trivial `baseline` (always answering the commonest
+    label, scored by `metric` on the same rows) by more than `min_over_baseline`, whether or
+    not there is a champion; beat the champion's `metric` by more than `min_improvement`;
+    and, when `max_label_drop` is set, lose no more than that much F1 on any label.
 
     Figures are compared with a 1e-9 tolerance, so 0.8 vs 0.7 + 0.1 is a tie, not a win.
     Returns {promote, reason}; the reason names every failing figure."""
+    new = candidate[metric]
+    if baseline is not None and not new > baseline + min_over_baseline + EPS:
+        return {"promote": False, "reason": (
+            f"{metric} {new:.3f} <= majority baseline {baseline:.3f} + {min_over_baseline:g}: "
+            f"no better than always answering the commonest label")}
     if champion is None:
-        return {"promote": True, "reason": "no champion yet"}
-    new, old = candidate[metric], champion[metric]
+        return {"promote": True, "reason": "no champion yet" + (
+            f"; {metric} {new:.3f} > majority baseline {baseline:.3f} + {min_over_baseline:g}"
+            if baseline is not None else "")}
+    old = champion[metric]
     failures = []
     if not new > old + min_improvement + EPS:
         failures.append(f"{metric} {new:.3f} <= champion {old:.3f} + {min_improvement:g}")

@@ -1,0 +1,123 @@
+"""Coverage: how many of the planned rows got an accepted label, per slice and in all.
+
+    coverage = labelled rows / (planned rows - excluded rows)
+
+A row is labelled when any agent of its slice (the first one, a retry, a top-up) had a label
+for it accepted and not revoked. Excluded rows are those no agent may ever label: a row whose
+text copies a held-out evaluation row (gate reason `copy_of_eval_row`). They are counted and
+reported, not hidden. A disputed row is unlabelled after the judge rejected its label twice
+(the agent re-read it and the judge still disagreed): it counts as unlabelled, and no fresh
+agent is sent for it, since another would meet the same judge.
+
+Slices are named `<planned slice>+retryN` (a fresh agent over the rows a stopped, failed or
+short agent left) and `<planned slice>+topupN` (a targeted top-up); `base_slice` maps them
+back to the planned slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from agents.gates import COPY_OF_EVAL_ROW, row_key
+from agents.loop import JUDGE_DISAGREED
+from flows.store import Store
+from flows.warehouse import SliceDescriptor
+
+EXCLUDED = (COPY_OF_EVAL_ROW,)
+DISPUTED_AFTER = 2  # judge disagreements with an unlabelled row's labels: a fresh agent
+#                     would only repeat the dispute, so it is reported, not retried
+
+
+def base_slice(slice_id: str) -> str:
+    return slice_id.split("+", 1)[0]
+
+
+@dataclass
+class SliceCoverage:
+    slice_id: str
+    planned: int
+    labelled: int = 0
+    excluded: int = 0
+    disputed: int = 0
+    agents: list[str] = field(default_factory=list)  # "<slice id>: <how it stopped>", in order
+    done_rows: list[str] = field(default_factory=list, repr=False)  # labelled or excluded
+    disputed_rows: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.planned - self.labelled - self.excluded)
+
+    @property
+    def retryable(self) -> int:
+        """Unlabelled rows a fresh agent could still label (not disputed)."""
+        return max(0, self.missing - self.disputed)
+
+    @property
+    def coverage(self) -> float:
+        labelable = self.planned - self.excluded
+        return 1.0 if labelable <= 0 else min(1.0, self.labelled / labelable)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("done_rows")
+        d.pop("disputed_rows")
+        return {**d, "missing": self.missing, "coverage": round(self.coverage, 4)}
+
+
+def measure(store: Store, run_id: str, slices: list[SliceDescriptor],
+            agent_results: list[dict] = ()) -> dict[str, SliceCoverage]:
+    """Each planned slice's coverage from the example store (one query)."""
+    out = {s.slice_id: SliceCoverage(s.slice_id, s.row_count) for s in slices}
+    labelled: dict[str, set[str]] = {k: set() for k in out}
+    excluded: dict[str, set[str]] = {k: set() for k in out}
+    disputes: dict[str, dict[str, int]] = {k: {} for k in out}
+    for slice_id, row_id, status in store.row_outcomes(run_id, (*EXCLUDED, JUDGE_DISAGREED)):
+        base = base_slice(slice_id or "")
+        if base not in out or row_id is None:
+            continue
+        key = row_key(row_id)
+        if status == "accepted":
+            labelled[base].add(key)
+        elif status == JUDGE_DISAGREED:
+            disputes[base][key] = disputes[base].get(key, 0) + 1
+        else:
+            excluded[base].add(key)
+    for k, c in out.items():
+        excluded[k] -= labelled[k]
+        c.labelled, c.excluded = len(labelled[k]), len(excluded[k])
+        c.done_rows = sorted(labelled[k] | excluded[k])
+        c.disputed_rows = sorted(r for r, n in disputes[k].items() if n >= DISPUTED_AFTER
+                                 and r not in labelled[k] and r not in excluded[k])
+        c.disputed = len(c.disputed_rows)
+    for r in agent_results:
+        base = base_slice(r["slice_id"])
+        if base in out:
+            out[base].agents.append(f"{r['slice_id']}: {r['stopped_reason']}")
+    return out
+
+
+def totals(cov: dict[str, SliceCoverage]) -> dict:
+    planned = sum(c.planned for c in cov.values())
+    excluded = sum(c.excluded for c in cov.values())
+    labelled = sum(c.labelled for c in cov.values())
+    labelable = planned - excluded
+    return {"coverage": round(labelled / labelable, 4) if labelable > 0 else 1.0,
+            "planned_rows": planned, "labelled_rows": labelled, "excluded_rows": excluded,
+            "unlabelled_rows": sum(c.missing for c in cov.values()),
+            "disputed_rows": sum(c.disputed for c in cov.values())}
+
+
+def shortfall(cov: dict[str, SliceCoverage], floor: float) -> str | None:
+    """Why the run must not train (coverage under the floor), naming the slices, or None."""
+    total = totals(cov)
+    if total["coverage"] >= floor:
+        return None
+    short = sorted((c for c in cov.values() if c.missing), key=lambda c: c.coverage)
+    named = "; ".join(f"{c.slice_id} {c.labelled}/{c.planned - c.excluded} "
+                      f"({c.agents[-1].split(': ', 1)[-1] if c.agents else 'no agent ran'})"
+                      for c in short[:10])
+    more = f"; and {len(short) - 10} more slices" if len(short) > 10 else ""
+    return (f"coverage {total['coverage']:.1%} is below generation.min_coverage {floor:.0%}: "
+            f"{total['unlabelled_rows']} of {total['planned_rows'] - total['excluded_rows']} "
+            f"rows have no accepted label. Slices short of rows (labelled/planned, how the last "
+            f"agent stopped): {named}{more}")
