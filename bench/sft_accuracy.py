@@ -6,6 +6,7 @@ rule, flip a share of the train labels (a teacher that is 95% right), train thro
 the held-out rows with `evaluate_classifier`. The last line printed is one JSON object.
 
     .venv/bin/python bench/sft_accuracy.py [--steps 600 --lr 1e-3 --hidden 128 ...]
+    .venv/bin/python bench/sft_accuracy.py --quick    # 200 articles, 300 steps (tests)
 """
 
 from __future__ import annotations
@@ -59,15 +60,28 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.05, help="share of train labels flipped")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-label", type=int, default=None,
+                    help="only the first N articles of each topic (small-data runs)")
+    ap.add_argument("--holdout", type=float, default=0.18)
+    ap.add_argument("--quick", action="store_true",
+                    help="a small run for the tests: 40 articles a topic, 300 steps (flags "
+                    "given explicitly still win)")
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args = ap.parse_args()
+    if args.quick:
+        given = {a.split("=")[0] for a in sys.argv[1:]}
+        for flag, value in {"--per-label": 40, "--steps": 300, "--vocab": 1000,
+                            "--batch": 8, "--holdout": 0.2}.items():
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
 
-    rows = read_articles()
+    rows = read_articles(args.per_label)
     labels = sorted({r["topic"] for r in rows})
-    train = [{"row": r, "label": r["topic"]} for r in rows if not is_holdout(r["id"])]
-    held = [r for r in rows if is_holdout(r["id"])]
+    train = [{"row": r, "label": r["topic"]} for r in rows
+             if not is_holdout(r["id"], args.holdout)]
+    held = [r for r in rows if is_holdout(r["id"], args.holdout)]
     flipped = flip_labels(train, labels, args.noise, args.seed)
 
     out = Path(args.out or tempfile.mkdtemp(prefix="sft_bench_"))
@@ -108,8 +122,10 @@ def main() -> None:
     print(
         json.dumps({"per_label_f1": {k: round(v["f1"], 3) for k, v in final["per_label"].items()}})
     )
+    majority = max(gold.count(x) for x in labels) / len(gold)
     print(json.dumps({
         "base_accuracy": round(base["accuracy"], 4),
+        "majority_baseline": round(majority, 4),
         "accuracy": round(final["accuracy"], 4),
         "macro_f1": round(final["macro_f1"], 4),
         "invalid": final["invalid"],
