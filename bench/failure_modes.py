@@ -56,7 +56,8 @@ def base_spec(warehouse: str, tmp: Path) -> dict:
 
 def run(name: str, spec: dict, tmp: Path) -> tuple[dict, Path]:
     """One flow run; a run stopped by the coverage floor is a result too (its summary.json)."""
-    from flows.pipeline import CoverageError, post_training
+    from flows.coverage import CoverageError
+    from flows.pipeline import post_training
 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -42,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except MissingKey as e:
         print(e, file=sys.stderr)
         return 2
-    from flows.pipeline import CoverageError, post_training
+    from flows.coverage import CoverageError
+    from flows.pipeline import post_training
 
     try:
         summary = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out)

@@ -9,6 +9,11 @@ reported, not hidden. A disputed row is unlabelled after the judge rejected its 
 (the agent re-read it and the judge still disagreed): it counts as unlabelled, and no fresh
 agent is sent for it, since another would meet the same judge.
 
+`check_coverage` is the pipeline's step after generation: it writes coverage.json, logs the
+`coverage` metric to MLflow, and raises `CoverageError` (naming the slices and how their last
+agents stopped) below `generation.min_coverage`, before anything is trained. `outcome` turns
+stopped agents, failed agent tasks and unlabelled rows into the run's `warnings`.
+
 Slices are named `<planned slice>+retryN` (a fresh agent over the rows a stopped, failed or
 short agent left) and `<planned slice>+topupN` (a targeted top-up); `base_slice` maps them
 back to the planned slice.
@@ -16,10 +21,18 @@ back to the planned slice.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from prefect import get_run_logger
 
 from agents.gates import COPY_OF_EVAL_ROW, row_key
 from agents.loop import JUDGE_DISAGREED
+from flows import tracking
+from flows.spec import Spec
 from flows.store import Store
 from flows.warehouse import SliceDescriptor
 
@@ -121,3 +134,60 @@ def shortfall(cov: dict[str, SliceCoverage], floor: float) -> str | None:
             f"{total['unlabelled_rows']} of {total['planned_rows'] - total['excluded_rows']} "
             f"rows have no accepted label. Slices short of rows (labelled/planned, how the last "
             f"agent stopped): {named}{more}")
+
+
+class CoverageError(RuntimeError):
+    """Too few planned rows got a label: the run stops before training on them."""
+
+
+def check_coverage(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+                   agent_results: list[dict], out: Path, client: MlflowClient,
+                   mlflow_run_id: str) -> dict:
+    """Coverage per slice and in total, logged to MLflow; below generation.min_coverage the
+    run fails here, before training, naming the slices and how their agents stopped."""
+    cov = measure(store, run_id, slices, agent_results)
+    report = {**totals(cov), "min_coverage": spec.generation.min_coverage,
+              "slices": [c.as_dict() for c in cov.values()]}
+    (out / "coverage.json").write_text(json.dumps(report, indent=2))
+    client.log_artifact(mlflow_run_id, str(out / "coverage.json"))
+    tracking.log_metrics(client, mlflow_run_id, {"coverage": report["coverage"],
+                                                 "unlabelled_rows": report["unlabelled_rows"]})
+    get_run_logger().info("coverage %.1f%%: %d of %d rows labelled (%d excluded as copies of "
+                          "held-out rows)", 100 * report["coverage"], report["labelled_rows"],
+                          report["planned_rows"] - report["excluded_rows"],
+                          report["excluded_rows"])
+    short = shortfall(cov, spec.generation.min_coverage)
+    if short:
+        (out / "summary.json").write_text(json.dumps(
+            {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "failed": True,
+             "reason": short, "coverage": report["coverage"],
+             "coverage_rows": {k: report[k] for k in ("planned_rows", "labelled_rows",
+                                                      "excluded_rows", "unlabelled_rows")},
+             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
+                                if r["stopped_reason"] != "completed"}}, indent=2))
+        raise CoverageError(short)
+    return report
+
+
+def outcome(summary: dict, covered: dict) -> dict:
+    """What a reader must know about the data behind the model, as `warnings` (empty: a
+    clean run) and `outcome` (clean | completed_with_warnings)."""
+    warnings = []
+    stopped = summary["agents_stopped"]
+    if stopped:
+        reasons = Counter(v.split(":", 1)[0] for v in stopped.values())
+        warnings.append(f"{len(stopped)} agents stopped before finishing "
+                        f"({', '.join(f'{k} {n}' for k, n in reasons.most_common())})"
+                        f"{'; fresh agents took over their rows' if summary['agent_retries'] else ''}")
+    if summary["agents_failed"]:
+        warnings.append(f"{len(summary['agents_failed'])} agent tasks failed: "
+                        f"{', '.join(summary['agents_failed'][:10])}")
+    if covered["unlabelled_rows"]:
+        disputed = covered["disputed_rows"]
+        warnings.append(f"{covered['unlabelled_rows']} of "
+                        f"{covered['planned_rows'] - covered['excluded_rows']} planned rows "
+                        f"have no label (coverage {covered['coverage']:.1%}"
+                        + (f"; {disputed} of them disputed: the judge rejected the agents' "
+                           "label twice" if disputed else "") + ")")
+    return {"outcome": "completed_with_warnings" if warnings else "clean",
+            "warnings": warnings}

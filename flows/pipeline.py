@@ -1,6 +1,7 @@
 """The post-training flow, read top to bottom.
 
     spec ─> plan slices ─map─> one sub-agent per slice ─> gates ─> example store
+      ─> fresh agents over rows left unlabelled ─> top-up ─> coverage floor
       curate ─> tune? (mapped trials) ─> SFT ─> preference pairs + DPO? ─> evaluate
       ─> approval? ─> registry (champion alias)
 
@@ -34,8 +35,9 @@ from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ensure_reader_role
 from agents.teacher import TeacherConfig, TeacherServer
-from flows import coverage, distribution, tracking
+from flows import distribution, tracking
 from flows.approval import ask_approval
+from flows.coverage import check_coverage, outcome
 from flows.generation import cover, generate, held_out_prompts, rebalance, sub_agent_runner
 from flows.overrides import pin_overrides
 from flows.preferences import train_dpo, write_pairs
@@ -522,63 +524,6 @@ def post_training(
             return Completed(data=summary, name="Completed with warnings",
                              message="; ".join(summary["warnings"])[:2000])
         return summary
-
-
-class CoverageError(RuntimeError):
-    """Too few planned rows got a label: the run stops before training on them."""
-
-
-def check_coverage(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
-                   agent_results: list[dict], out: Path, client: MlflowClient,
-                   mlflow_run_id: str) -> dict:
-    """Coverage per slice and in total, logged to MLflow; below generation.min_coverage the
-    run fails here, before training, naming the slices and how their agents stopped."""
-    cov = coverage.measure(store, run_id, slices, agent_results)
-    report = {**coverage.totals(cov), "min_coverage": spec.generation.min_coverage,
-              "slices": [c.as_dict() for c in cov.values()]}
-    (out / "coverage.json").write_text(json.dumps(report, indent=2))
-    client.log_artifact(mlflow_run_id, str(out / "coverage.json"))
-    tracking.log_metrics(client, mlflow_run_id, {"coverage": report["coverage"],
-                                                 "unlabelled_rows": report["unlabelled_rows"]})
-    get_run_logger().info("coverage %.1f%%: %d of %d rows labelled (%d excluded as copies of "
-                          "held-out rows)", 100 * report["coverage"], report["labelled_rows"],
-                          report["planned_rows"] - report["excluded_rows"],
-                          report["excluded_rows"])
-    short = coverage.shortfall(cov, spec.generation.min_coverage)
-    if short:
-        (out / "summary.json").write_text(json.dumps(
-            {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "failed": True,
-             "reason": short, "coverage": report["coverage"],
-             "coverage_rows": {k: report[k] for k in ("planned_rows", "labelled_rows",
-                                                      "excluded_rows", "unlabelled_rows")},
-             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
-                                if r["stopped_reason"] != "completed"}}, indent=2))
-        raise CoverageError(short)
-    return report
-
-
-def outcome(summary: dict, covered: dict) -> dict:
-    """What a reader must know about the data behind the model, as `warnings` (empty: a
-    clean run) and `outcome` (clean | completed_with_warnings)."""
-    warnings = []
-    stopped = summary["agents_stopped"]
-    if stopped:
-        reasons = Counter(v.split(":", 1)[0] for v in stopped.values())
-        warnings.append(f"{len(stopped)} agents stopped before finishing "
-                        f"({', '.join(f'{k} {n}' for k, n in reasons.most_common())})"
-                        f"{'; fresh agents took over their rows' if summary['agent_retries'] else ''}")
-    if summary["agents_failed"]:
-        warnings.append(f"{len(summary['agents_failed'])} agent tasks failed: "
-                        f"{', '.join(summary['agents_failed'][:10])}")
-    if covered["unlabelled_rows"]:
-        disputed = covered["disputed_rows"]
-        warnings.append(f"{covered['unlabelled_rows']} of "
-                        f"{covered['planned_rows'] - covered['excluded_rows']} planned rows "
-                        f"have no label (coverage {covered['coverage']:.1%}"
-                        + (f"; {disputed} of them disputed: the judge rejected the agents' "
-                           "label twice" if disputed else "") + ")")
-    return {"outcome": "completed_with_warnings" if warnings else "clean",
-            "warnings": warnings}
 
 
 def unchanged_since_champion(client: MlflowClient, spec: Spec, fingerprint: str) -> str | None:

@@ -94,7 +94,8 @@ def test_a_model_no_better_than_the_commonest_label_is_never_promoted(retried_ru
 
 def test_a_run_below_the_coverage_floor_fails_before_training(small_warehouse_url, tmp_path,
                                                               prefect_api):
-    from flows.pipeline import CoverageError, post_training
+    from flows.coverage import CoverageError
+    from flows.pipeline import post_training
 
     path = short_agents_spec(small_warehouse_url, tmp_path, 0)
     with pytest.raises(CoverageError) as e:
