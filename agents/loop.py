@@ -40,7 +40,14 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from agents.drift import DriftPolicy
-from agents.gates import INVALID_SCHEMA, LABEL_NOT_IN_SET, Gate, GateResult, row_key
+from agents.gates import (
+    COPY_OF_EVAL_ROW,
+    INVALID_SCHEMA,
+    LABEL_NOT_IN_SET,
+    Gate,
+    GateResult,
+    row_key,
+)
 from agents.gateway import BudgetExceeded, LLMGateway
 from agents.judge import Judge, should_sample
 from agents.memory import AgentMemory
@@ -55,6 +62,8 @@ JUDGE_DISAGREED = "judge_disagreed"
 # copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm; nor
 # does a label accepted after fixing its case (the gate normalises it).
 DRIFT_SIGNALS = {LABEL_NOT_IN_SET, INVALID_SCHEMA, JUDGE_DISAGREED}
+# Rows an agent did submit, which the gate or the judge would not take: not the agent's gap.
+REFUSED = {COPY_OF_EVAL_ROW, JUDGE_DISAGREED}
 
 
 @dataclass
@@ -214,6 +223,7 @@ class _Agent:
             self.memory.pin(message)
             self.result.transcript.append(message)
         self.labelled: dict[str, str] = {}     # row_id -> accepted label
+        self.refused: set[str] = set()         # rows the gate or judge would not take
         self.unjudged: list[dict] = []         # accepted, not yet reviewed: re-review material
         # after a drift alarm, and for a fresh agent over rows another one left (`previous`),
         # every example is judged
@@ -247,6 +257,15 @@ class _Agent:
                      f"accepted label yet{after}. Continue with the sql tool and label them."}],
             importance=0.5, note=f"nudged: {remaining} rows left")
         return False
+
+    def finish_reason(self) -> str:
+        """"completed", or "unfinished: ..." when the model stopped with rows of its slice it
+        never got a label accepted for nor had refused (copies of held-out rows, labels the
+        judge rejected): a model that gave up or skipped rows. Top-ups skip rows by design."""
+        untouched = self.task["rows"] - len(self.labelled) - len(self.refused - set(self.labelled))
+        if untouched <= 0 or self.task.get("want_labels"):
+            return "completed"
+        return f"unfinished: {untouched} of {self.task['rows']} rows never labelled"
 
     # tools
     def run_sql(self, arguments: str | None) -> tuple[dict, str]:
@@ -315,6 +334,8 @@ class _Agent:
 
     def reject(self, row_id, label, reason: str, message: str) -> dict:
         self.result.rejected[reason] = self.result.rejected.get(reason, 0) + 1
+        if reason in REFUSED and row_id is not None:
+            self.refused.add(row_key(row_id))
         if reason in DRIFT_SIGNALS:
             self.observe(False)
         self.on_example({"agent": self.agent, "row_id": row_id, "label": label, "row": None,
@@ -451,7 +472,7 @@ def run_agent(
                 for c in completion.tool_calls]
         elif a.finished_early(reply):
             a.result.transcript.append(reply)
-            a.result.stopped_reason = "completed"
+            a.result.stopped_reason = a.finish_reason()
             break
         else:
             a.result.transcript.append(reply)
