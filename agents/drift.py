@@ -64,7 +64,7 @@ class DriftSettings:
     warmup: int = 40                 # observations that set the agent's own p0
     min_observations: int = 20       # no alarm before this many
     fleet_warmup: int = 200          # the run's first observations: the fleet's early rate
-    suspicion: float = 0.33          # S past this share of h: judge every example observations
+    suspicion: float = 0.25          # S past this share of h: judge every example observations
 
     def __post_init__(self):
         if not 0 < self.baseline_rate <= self.max_baseline_rate < 1:

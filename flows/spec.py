@@ -237,7 +237,7 @@ class Drift(_Strict):
         "the fleet's early rate; an agent is measured against the lower of its own and the "
         "fleet's, so one that starts after the fleet went bad is still caught. 0: own only.")
     suspicion: float = Field(
-        0.33, gt=0.0, le=1.0, description="Share of the alarm level past which every example "
+        0.25, gt=0.0, le=1.0, description="Share of the alarm level past which every example "
         "is judged until the test settles (more judge calls, a quicker alarm).")
 
     @model_validator(mode="after")
