@@ -57,6 +57,15 @@ def row_key(row_id: object) -> str:
     return str(row_id).strip()
 
 
+def one_by_one(row_lookup: Callable[[str | int], dict | None]
+               ) -> Callable[[list], dict[str, dict]]:
+    """A batch lookup (`check_batch`'s) made of a lookup of one row at a time."""
+    def rows_lookup(ids: list) -> dict[str, dict]:
+        found = {row_key(i): row_lookup(i) for i in ids}
+        return {k: v for k, v in found.items() if v is not None}
+    return rows_lookup
+
+
 class Gate:
     """Checks submitted items against the label set, the slice, and what was accepted."""
 
@@ -85,10 +94,7 @@ class Gate:
 
     def check(self, item: object, row_lookup: Callable[[str | int], dict | None]) -> GateResult:
         """One item, its row found by `row_lookup(row_id)` (None: not in the slice)."""
-        def rows_lookup(ids: list) -> dict[str, dict]:
-            row = row_lookup(ids[0])
-            return {} if row is None else {row_key(ids[0]): row}
-        return self.check_batch([item], rows_lookup)[0]
+        return self.check_batch([item], one_by_one(row_lookup))[0]
 
     def check_batch(self, items: list[object],
                     rows_lookup: Callable[[list], dict[str, dict]]) -> list[GateResult]:

@@ -46,6 +46,7 @@ from agents.gates import (
     LABEL_NOT_IN_SET,
     Gate,
     GateResult,
+    one_by_one,
     row_key,
 )
 from agents.gateway import BudgetExceeded, LLMGateway
@@ -453,7 +454,7 @@ def run_agent(
     if rows_lookup is None:
         if row_lookup is None:
             raise TypeError("run_agent needs rows_lookup or row_lookup")
-        rows_lookup = _one_by_one(row_lookup)
+        rows_lookup = one_by_one(row_lookup)
     a = _Agent(gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
                agent_name, slice_id, judge, drift)
     for _ in range(config.max_turns):
@@ -502,13 +503,6 @@ def run_agent(
     a.result.max_context_tokens = a.memory.max_tokens_seen
     a.result.pruned_turns = a.memory.pruned_turns
     return a.result
-
-
-def _one_by_one(row_lookup: Callable[[str | int], dict | None]):
-    def rows_lookup(ids: list) -> dict[str, dict]:
-        found = {row_key(i): row_lookup(i) for i in ids}
-        return {k: v for k, v in found.items() if v is not None}
-    return rows_lookup
 
 
 def _row_text(row: dict | None, limit: int = 600) -> str:

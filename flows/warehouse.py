@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Connection, Dialect, Engine
 
+from agents.gates import row_key
 from flows.render import render_completion, render_prompt
 from flows.spec import Spec
 
@@ -287,10 +288,8 @@ def plan_slices(spec: Spec, engine: Engine) -> list[SliceDescriptor]:
         return out
 
 
-def _normalise_row_id(row_id: Any) -> str:
-    if isinstance(row_id, float) and row_id.is_integer():
-        row_id = int(row_id)
-    return str(row_id).strip()
+# how a row id is compared, the gate's rule: 42, 42.0, "42" and " 42 " are the same row
+_normalise_row_id = row_key
 
 
 # ── trusted row lookups, by the id column's own type ─────────────────────────────────────────
