@@ -12,17 +12,24 @@ endpoint is transport (which server, which rate-limit bucket), and the same requ
 proxy, a mirror or a moved base URL should replay the same reply. Serving different weights
 under one model name at two endpoints would therefore share entries: name models distinctly.
 
-One gateway per role is shared by many agent threads; it holds no per-call state.
+One gateway per role is shared by many agents, threads or coroutines; it holds no per-call
+state. `complete` / `complete_json` block; `acomplete` / `acomplete_json` are the same path for
+coroutines (the provider's async client, the limiter's `aslot`, `asyncio.sleep` between
+attempts). The cache, the ledger and the records are the same code for both and run inline:
+short synchronous store queries (CPU on a local SQLite store; on a remote PostgreSQL store a
+network round trip each, which the event loop waits out).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import json
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from agents.ledger import BudgetExceeded, CostLedger
@@ -79,7 +86,8 @@ class LLMGateway:
                  on_call: Callable[[dict], None] | None = None, max_retries: int = 4,
                  backoff_base: float = 0.5, backoff_max: float = 30.0,
                  max_retry_after: float = 120.0, seed: int = 0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 asleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.provider = provider
         self.role = role
         self.cache = cache
@@ -91,14 +99,13 @@ class LLMGateway:
         self.max_retry_after = max_retry_after  # a server asking for longer: give up
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
-        self._sleep = sleep
+        self._sleep, self._asleep = sleep, asleep
 
+    # ── one call: blocking, or for a coroutine ────────────────────────────────────────────
     def complete(self, *, model: str, messages: list[dict], tools: list[dict] | None = None,
                  temperature: float | None = None, max_tokens: int | None = None,
                  agent: str, slice_id: str | None = None) -> Completion:
-        params = {"temperature": temperature, "max_tokens": max_tokens}
-        key = request_key(self.provider.api, self.provider.endpoint, model, messages, tools,
-                          params)
+        key = self._chat_key(model, messages, tools, temperature, max_tokens)
 
         def call() -> tuple[Completion, dict | None]:
             return self.provider.complete(model=model, messages=messages, tools=tools,
@@ -107,14 +114,25 @@ class LLMGateway:
         completion, _ = self._run(key, model, agent, slice_id, call)
         return completion
 
+    async def acomplete(self, *, model: str, messages: list[dict],
+                        tools: list[dict] | None = None, temperature: float | None = None,
+                        max_tokens: int | None = None, agent: str,
+                        slice_id: str | None = None) -> Completion:
+        key = self._chat_key(model, messages, tools, temperature, max_tokens)
+
+        async def call() -> tuple[Completion, dict | None]:
+            return await self.provider.acomplete(
+                model=model, messages=messages, tools=tools, temperature=temperature,
+                max_tokens=max_tokens), None
+
+        completion, _ = await self._arun(key, model, agent, slice_id, call)
+        return completion
+
     def complete_json(self, *, model: str, messages: list[dict], schema: dict,
                       schema_name: str, temperature: float | None = None,
                       max_tokens: int | None = None, agent: str,
                       slice_id: str | None = None) -> dict:
-        params = {"temperature": temperature, "max_tokens": max_tokens, "schema": schema,
-                  "schema_name": schema_name, "structured": True}
-        key = request_key(self.provider.api, self.provider.endpoint, model, messages, None,
-                          params)
+        key = self._json_key(model, messages, schema, schema_name, temperature, max_tokens)
 
         def call() -> tuple[Completion, dict | None]:
             data, completion = self.provider.complete_json(
@@ -125,41 +143,102 @@ class LLMGateway:
         completion, data = self._run(key, model, agent, slice_id, call)
         return data if data is not None else parse_json_reply(completion)
 
-    # ── the path ────────────────────────────────────────────────────────────────────────────
+    async def acomplete_json(self, *, model: str, messages: list[dict], schema: dict,
+                             schema_name: str, temperature: float | None = None,
+                             max_tokens: int | None = None, agent: str,
+                             slice_id: str | None = None) -> dict:
+        key = self._json_key(model, messages, schema, schema_name, temperature, max_tokens)
+
+        async def call() -> tuple[Completion, dict | None]:
+            data, completion = await self.provider.acomplete_json(
+                model=model, messages=messages, schema=schema, schema_name=schema_name,
+                temperature=temperature, max_tokens=max_tokens)
+            return completion, data
+
+        completion, data = await self._arun(key, model, agent, slice_id, call)
+        return data if data is not None else parse_json_reply(completion)
+
+    def _chat_key(self, model, messages, tools, temperature, max_tokens) -> str:
+        params = {"temperature": temperature, "max_tokens": max_tokens}
+        return request_key(self.provider.api, self.provider.endpoint, model, messages, tools,
+                           params)
+
+    def _json_key(self, model, messages, schema, schema_name, temperature, max_tokens) -> str:
+        params = {"temperature": temperature, "max_tokens": max_tokens, "schema": schema,
+                  "schema_name": schema_name, "structured": True}
+        return request_key(self.provider.api, self.provider.endpoint, model, messages, None,
+                           params)
+
+    # ── the path: the two drivers differ only in how they wait ──────────────────────────────
     def _run(self, key, model, agent, slice_id, call):
-        base = {"role": self.role, "agent": agent, "slice_id": slice_id,
+        base = self._base(key, model, agent, slice_id)
+        hit = self._hit(base, key)
+        if hit is not None:
+            return hit
+        for attempt in itertools.count(1):
+            with self.limiter.slot():
+                started = time.perf_counter()
+                try:
+                    outcome, error = call(), None
+                except ProviderError as e:
+                    outcome, error = None, e
+                latency = _ms(started)
+            if error is None:
+                return self._succeeded(base, key, outcome, latency, attempt)
+            self._sleep(self._failed(base, error, latency, attempt))
+            self.ledger.check()
+
+    async def _arun(self, key, model, agent, slice_id, call):
+        base = self._base(key, model, agent, slice_id)
+        hit = self._hit(base, key)
+        if hit is not None:
+            return hit
+        for attempt in itertools.count(1):
+            async with self.limiter.aslot():
+                started = time.perf_counter()
+                try:
+                    outcome, error = await call(), None
+                except ProviderError as e:
+                    outcome, error = None, e
+                latency = _ms(started)
+            if error is None:
+                return self._succeeded(base, key, outcome, latency, attempt)
+            await self._asleep(self._failed(base, error, latency, attempt))
+            self.ledger.check()
+
+    def _base(self, key, model, agent, slice_id) -> dict:
+        return {"role": self.role, "agent": agent, "slice_id": slice_id,
                 "api": self.provider.api, "model": model, "request_hash": key}
+
+    def _hit(self, base: dict, key: str) -> tuple[Completion, dict | None] | None:
+        """A cached reply (recorded as a hit), else None once the budget allows a new call."""
         hit = self._cached(key)
         if hit is not None:
             self.on_call(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0))
             return hit
         self.ledger.check()
-        attempt = 0
-        while True:
-            attempt += 1
-            with self.limiter.slot():
-                started = time.perf_counter()
-                try:
-                    completion, data = call()
-                except ProviderError as e:
-                    error, latency = e, _ms(started)
-                else:
-                    error, latency = None, _ms(started)
-            if error is None:
-                self.limiter.on_success()
-                cost = self.ledger.add(self.role, model, agent, slice_id, completion)
-                if self.cache is not None:
-                    response = completion.to_dict() | ({"json": data} if data is not None else {})
-                    self.cache.put(key, api=self.provider.api, model=model, response=response)
-                self.on_call(_record(base, completion, cost, latency, cached=False, error=None,
-                                     attempt=attempt))
-                return completion, data
-            self._failed(base, error, latency, attempt, model, agent, slice_id)
+        return None
 
-    def _failed(self, base, error: ProviderError, latency, attempt, model, agent, slice_id):
-        """Record a failed attempt; raise it, or throttle and back off before the next."""
+    def _succeeded(self, base: dict, key: str, outcome: tuple[Completion, dict | None],
+                   latency: float, attempt: int) -> tuple[Completion, dict | None]:
+        """Grow the limit, pay, cache and record the reply."""
+        completion, data = outcome
+        self.limiter.on_success()
+        cost = self.ledger.add(self.role, base["model"], base["agent"], base["slice_id"],
+                               completion)
+        if self.cache is not None:
+            response = completion.to_dict() | ({"json": data} if data is not None else {})
+            self.cache.put(key, api=self.provider.api, model=base["model"], response=response)
+        self.on_call(_record(base, completion, cost, latency, cached=False, error=None,
+                             attempt=attempt))
+        return outcome
+
+    def _failed(self, base: dict, error: ProviderError, latency: float, attempt: int) -> float:
+        """Record a failed attempt; raise it, or throttle and return the seconds to back off
+        before the next."""
         spent = error.completion  # the model answered but unusably: its tokens were paid for
-        cost = self.ledger.add(self.role, model, agent, slice_id, spent) if spent else 0.0
+        cost = self.ledger.add(self.role, base["model"], base["agent"], base["slice_id"],
+                               spent) if spent else 0.0
         message = redact(f"{error.kind}: {error.message}")[:500]
         self.on_call(_record(base, spent, cost, latency, cached=False, error=message,
                              attempt=attempt))
@@ -168,8 +247,7 @@ class LLMGateway:
         too_long = (error.retry_after or 0) > self.max_retry_after
         if not error.retryable or attempt > self.max_retries or too_long:
             raise error
-        self._sleep(self._backoff(attempt, error.retry_after))
-        self.ledger.check()
+        return self._backoff(attempt, error.retry_after)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         with self._rng_lock:

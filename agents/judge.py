@@ -3,7 +3,8 @@
     judge = Judge(gateway, model="claude-...", skill=load_skill("review-examples"), labels=L)
     verdicts = judge.review([{"row_id": 7, "label": "tech", "text": "..."}], agent, slice_id)
 
-Each batch of `batch_size` items is one `gateway.complete_json` call: the skill's
+Each batch of `batch_size` items is one `gateway.complete_json` call (`areview`: the same
+through `acomplete_json`, for agents on an event loop): the skill's
 instructions as the system message, and one user message, exactly
 
     <review>{"labels": [...], "items": [{"row_id": ..., "label": ..., "text": "..."}]}</review>
@@ -104,28 +105,42 @@ class Judge:
 
     def review(self, items: list[dict], agent: str, slice_id: str | None) -> list[Verdict]:
         """One verdict per item, in the items' order."""
-        keys = [str(i["row_id"]) for i in items]
-        if len(set(keys)) != len(keys):
-            raise ValueError("review items must have distinct row ids")
         out: list[Verdict] = []
-        for start in range(0, len(items), self.batch_size):
-            batch = items[start : start + self.batch_size]
-            reply = self.gateway.complete_json(
-                model=self.model,
-                messages=[
-                    {"role": "system", "content": self.skill.instructions},
-                    {"role": "user", "content": review_block(self.labels, batch)},
-                ],
-                schema=VERDICTS_SCHEMA,
-                schema_name="verdicts",
-                temperature=self.temperature,
-                max_tokens=self.max_tokens,
-                agent=agent,
-                slice_id=slice_id,
-            )
+        for batch in self._batches(items):
+            reply = self.gateway.complete_json(**self._request(batch, agent, slice_id))
             self.calls += 1
             out += self._verdicts(batch, reply)
         return out
+
+    async def areview(self, items: list[dict], agent: str,
+                      slice_id: str | None) -> list[Verdict]:
+        """`review` for a coroutine (the gateway's `acomplete_json`)."""
+        out: list[Verdict] = []
+        for batch in self._batches(items):
+            reply = await self.gateway.acomplete_json(**self._request(batch, agent, slice_id))
+            self.calls += 1
+            out += self._verdicts(batch, reply)
+        return out
+
+    def _batches(self, items: list[dict]) -> list[list[dict]]:
+        keys = [str(i["row_id"]) for i in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError("review items must have distinct row ids")
+        return [items[start : start + self.batch_size]
+                for start in range(0, len(items), self.batch_size)]
+
+    def _request(self, batch: list[dict], agent: str, slice_id: str | None) -> dict:
+        """The gateway call for one batch: the skill, then exactly one <review> block."""
+        return {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": self.skill.instructions},
+                {"role": "user", "content": review_block(self.labels, batch)},
+            ],
+            "schema": VERDICTS_SCHEMA, "schema_name": "verdicts",
+            "temperature": self.temperature, "max_tokens": self.max_tokens,
+            "agent": agent, "slice_id": slice_id,
+        }
 
     def _verdicts(self, batch: list[dict], reply: Any) -> list[Verdict]:
         try:

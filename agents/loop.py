@@ -2,7 +2,7 @@
 
     memory   = pinned: the skill + the task (system), the <slice> block (user); then turns
     repeat up to max_turns:
-        gateway.complete(memory.messages(), tools)      cache → budget → rate limit → provider
+        gateway.acomplete(memory.messages(), tools)     cache → budget → rate limit → provider
         no tool calls:   rows left? nudge (max_nudges) : stop "completed"
         each tool call:  arguments validated (pydantic; a JSON object in a ```json fence is
                          taken as the object); misuse goes back as a tool error
@@ -22,11 +22,21 @@
     the budget spent → stop "budget: ..."
 
 Nothing here knows about Prefect or the pipeline: callers pass plain objects and one
-callback (`on_example`); every LLM call is recorded by the gateway's own `on_call`.
+callback, `on_examples(events)`, called once per turn with that turn's examples (accepted,
+rejected, revoked), so a store writes a submission in one transaction (`on_example(event)`,
+once per example, for callers that want them one by one); every LLM call is recorded by the
+gateway's own `on_call`.
+
+The loop is a coroutine, `arun_agent`: hundreds of agents share one event loop, each waiting
+on its LLM call (the gateway's async path) while the others run. The tools (the SQL tool,
+the gate's row lookup, `on_examples`' store writes) are quick, indexed and run inline between
+the awaits. `run_agent` runs it on an event loop of its own, for callers that are threads
+(the thread and Dask runners' worker threads, the tests): one loop, two ways to drive it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -52,7 +62,7 @@ from agents.gates import (
 from agents.gateway import BudgetExceeded, LLMGateway
 from agents.judge import Judge, should_sample
 from agents.memory import AgentMemory
-from agents.providers import Completion, ProviderError
+from agents.providers import Completion, ProviderError, run_on_own_loop
 from agents.skills import Skill
 from agents.sql_tool import SQLRejected, SQLTool
 
@@ -206,14 +216,15 @@ def request_hash(model: str, messages: list[dict], tools: list[dict], params: di
 
 # ── the loop ───────────────────────────────────────────────────────────────────────────────
 class _Agent:
-    """The state of one running agent; `run_agent` below is the whole story."""
+    """The state of one running agent; `arun_agent` below is the whole story."""
 
     def __init__(self, gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
                  agent_name, slice_id, judge, drift):
         self.gateway: LLMGateway = gateway
         self.config: AgentConfig = config
         self.task, self.sql_tool, self.gate = task, sql_tool, gate
-        self.rows_lookup, self.on_example = rows_lookup, on_example
+        self.rows_lookup, self.on_examples = rows_lookup, on_example
+        self.events: list[dict] = []           # this turn's examples, for on_examples
         self.agent, self.slice_id = agent_name, slice_id
         self.judge: Judge | None = judge
         self.drift: DriftPolicy | None = drift
@@ -234,9 +245,9 @@ class _Agent:
         self.reanchor_due = False              # an alarm fired this turn: re-anchor after it
 
     # one LLM call
-    def call(self) -> Completion | None:
+    async def call(self) -> Completion | None:
         try:
-            return self.gateway.complete(
+            return await self.gateway.acomplete(
                 model=self.config.model, messages=self.memory.messages(), tools=self.tools,
                 temperature=self.config.temperature, max_tokens=self.config.max_tokens,
                 agent=self.agent, slice_id=self.slice_id)
@@ -286,7 +297,7 @@ class _Agent:
         span = f"{ids[0]}..{ids[-1]}" if ids else "nothing"
         return out, f"read {len(rows)} rows ({span})"
 
-    def run_submit(self, arguments: str | None) -> tuple[dict, str]:
+    async def run_submit(self, arguments: str | None) -> tuple[dict, str]:
         args = self.parse(arguments, SubmitArgs)
         if isinstance(args, dict):
             return args, "submit: invalid arguments"
@@ -298,7 +309,7 @@ class _Agent:
                 rejected.append(self.reject(verdict.row_id, verdict.label, verdict.reason,
                                             verdict.message))
         look_hard = self.judge_all or (self.drift is not None and self.drift.suspicious)
-        verdicts = self.review([v for v in passed if look_hard or should_sample(
+        verdicts = await self.review([v for v in passed if look_hard or should_sample(
             v.row_id, self.config.judge_sample_rate, self.config.seed)])
         accepted = 0
         for v in passed:
@@ -313,7 +324,7 @@ class _Agent:
             accepted += 1
             self.accept(v, judged=review is not None and review.agree is True)
         if self.judge_all and self.unjudged:  # the alarm fired mid-batch: review the rest now
-            self.rereview()
+            await self.rereview()
         counts = Counter(r["reason"] for r in rejected)
         note = f"submitted {len(args.examples)} ({accepted} accepted" + (
             f", rejected: {', '.join(f'{k} {n}' for k, n in counts.items())})" if counts else ")")
@@ -330,7 +341,7 @@ class _Agent:
             self.observe(True)
         else:
             self.unjudged.append({"row_id": v.row_id, "label": v.label, "row": v.row})
-        self.on_example({"agent": self.agent, "row_id": v.row_id, "label": v.label,
+        self.events.append({"agent": self.agent, "row_id": v.row_id, "label": v.label,
                          "row": v.row, "status": "accepted"})
 
     def reject(self, row_id, label, reason: str, message: str) -> dict:
@@ -339,16 +350,16 @@ class _Agent:
             self.refused.add(row_key(row_id))
         if reason in DRIFT_SIGNALS:
             self.observe(False)
-        self.on_example({"agent": self.agent, "row_id": row_id, "label": label, "row": None,
+        self.events.append({"agent": self.agent, "row_id": row_id, "label": label, "row": None,
                          "status": "rejected", "reason": reason, "message": message})
         return {"row_id": row_id, "reason": reason, "message": message}
 
-    def review(self, items: list[GateResult]) -> dict[str, Any]:
+    async def review(self, items: list[GateResult]) -> dict[str, Any]:
         """The judge's verdicts for these gate-passed items, by row id (none without a judge)."""
         if not items or self.judge is None:
             return {}
         try:
-            verdicts = self.judge.review(
+            verdicts = await self.judge.areview(
                 [{"row_id": v.row_id, "label": v.label, "text": _row_text(v.row)} for v in items],
                 agent=self.agent, slice_id=self.slice_id)
         except (ProviderError, BudgetExceeded):
@@ -379,11 +390,11 @@ class _Agent:
             self.result.drift_baseline = round(self.drift.monitor.p0, 4)
         self.judge_all = True
 
-    def reanchor(self) -> None:
+    async def reanchor(self) -> None:
         """Memory back to the pinned spec, resuming after the highest accepted row; the
         recent unjudged examples re-reviewed."""
         self.reanchor_due = False
-        self.rereview()
+        await self.rereview()
         after = {"resume_after_id": self.last_id} if self.last_id is not None else {}
         note = (f"[memory] Re-anchored: your recent labels drifted from the task. Re-read the "
                 f"pinned task above and label carefully. {json.dumps(after, default=str)} "
@@ -392,10 +403,10 @@ class _Agent:
         self.result.transcript.append({"event": "reanchor", "call": self.result.calls,
                                        "revoked": self.result.revoked, "note": note})
 
-    def rereview(self, limit: int = 200) -> None:
+    async def rereview(self, limit: int = 200) -> None:
         """Judge the recent examples accepted unjudged; revoke those the judge rejects."""
         suspects, self.unjudged = self.unjudged[-limit:], []
-        reviewed = self.review([GateResult(True, row_id=s["row_id"], label=s["label"],
+        reviewed = await self.review([GateResult(True, row_id=s["row_id"], label=s["label"],
                                            row=s["row"]) for s in suspects])
         for s in suspects:
             review = reviewed.get(str(s["row_id"]))
@@ -404,10 +415,16 @@ class _Agent:
                 self.labelled.pop(row_key(s["row_id"]), None)
                 self.result.accepted -= 1
                 self.result.revoked += 1
-                self.on_example({"agent": self.agent, "row_id": s["row_id"], "label": s["label"],
+                self.events.append({"agent": self.agent, "row_id": s["row_id"], "label": s["label"],
                                  "row": None, "status": "revoked", "reason": JUDGE_DISAGREED})
 
     # helpers
+    def flush(self) -> None:
+        """Hand this turn's examples to the caller in one call."""
+        if self.events:
+            events, self.events = self.events, []
+            self.on_examples(events)
+
     def parse(self, arguments: str | None, model: type[BaseModel]):
         text = arguments or ""
         fenced = _FENCE.fullmatch(text)
@@ -431,7 +448,7 @@ class _Agent:
         return {"error": kind, "message": message}
 
 
-def run_agent(
+async def arun_agent(
     gateway: LLMGateway,
     *,
     config: AgentConfig,
@@ -440,7 +457,8 @@ def run_agent(
     sql_tool: SQLTool,
     gate: Gate,
     row_lookup: Callable[[str | int], dict | None] | None = None,
-    on_example: Callable[[dict], None],
+    on_example: Callable[[dict], None] | None = None,
+    on_examples: Callable[[list[dict]], None] | None = None,
     agent_name: str,
     slice_id: str | None = None,
     judge: Judge | None = None,
@@ -453,12 +471,16 @@ def run_agent(
     per submission), or `row_lookup(id) -> row | None` one at a time."""
     if rows_lookup is None:
         if row_lookup is None:
-            raise TypeError("run_agent needs rows_lookup or row_lookup")
+            raise TypeError("arun_agent needs rows_lookup or row_lookup")
         rows_lookup = one_by_one(row_lookup)
-    a = _Agent(gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
+    if on_examples is None:
+        if on_example is None:
+            raise TypeError("arun_agent needs on_examples or on_example")
+        on_examples = functools.partial(_one_by_one_events, on_example)
+    a = _Agent(gateway, config, skill, task, sql_tool, gate, rows_lookup, on_examples,
                agent_name, slice_id, judge, drift)
     for _ in range(config.max_turns):
-        completion = a.call()
+        completion = await a.call()
         if completion is None:
             break
         a.result.calls += 1
@@ -484,7 +506,7 @@ def run_agent(
             if c.name == "sql":
                 content, note = a.run_sql(c.arguments)
             elif c.name == "submit_examples":
-                content, note = a.run_submit(c.arguments)
+                content, note = await a.run_submit(c.arguments)
                 importance = 2.0 if content.get("rejected") else 0.5  # lessons outlive routine
             else:
                 content = a.misuse("unknown_tool", f"no tool {c.name!r}; use sql or "
@@ -493,16 +515,30 @@ def run_agent(
             answers.append({"role": "tool", "tool_call_id": c.id,
                             "content": json.dumps(content, ensure_ascii=False, default=str)})
             notes.append(note)
+        a.flush()
         if a.result.stopped_reason.startswith("drift"):
             break
         if a.reanchor_due:  # the drifted turn stays out of the fresh memory
-            a.reanchor()
+            await a.reanchor()
+            a.flush()
             continue
         a.memory.add_turn([reply, *answers], importance=importance, note="; ".join(notes))
         a.result.transcript.extend([reply, *answers])
+    a.flush()
     a.result.max_context_tokens = a.memory.max_tokens_seen
     a.result.pruned_turns = a.memory.pruned_turns
     return a.result
+
+
+def _one_by_one_events(on_example: Callable[[dict], None], events: list[dict]) -> None:
+    for event in events:
+        on_example(event)
+
+
+def run_agent(gateway: LLMGateway, **kwargs: Any) -> AgentResult:
+    """`arun_agent` (same arguments) on an event loop of its own, for a caller that is a
+    thread, not a coroutine; the async SDK clients opened on that loop close with it."""
+    return run_on_own_loop(arun_agent(gateway, **kwargs))
 
 
 def _row_text(row: dict | None, limit: int = 600) -> str:

@@ -325,6 +325,10 @@ def _sqlite_hardened(_tool: SQLTool, conn: sa.Connection, trusted_cte, deadline:
     old_attached = raw.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
     old_length = raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE_BYTES)
     raw.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    # The trusted slice SQL reads its ids with json_each. SQLite connects that virtual table
+    # on its first use in a connection by declaring its schema, which the authorizer below
+    # would refuse ("vtable constructor failed"): connect it first, outside the authorizer.
+    raw.execute("SELECT 1 FROM json_each('[]')").fetchall()
     # setting an authorizer also expires every cached prepared statement, so a statement
     # prepared earlier without it cannot run under this one
     raw.set_authorizer(_sqlite_authorizer(trusted_cte, real))

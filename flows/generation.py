@@ -1,18 +1,26 @@
 """The generation stage: one sub-agent per slice, fresh agents for what they left, then
 targeted top-up for balance.
 
-`generate` maps `generate_slice` (a Prefect task, one per slice) over the slices on the task
-runner the spec chooses (`generation.task_runner`, see `sub_agent_runner`); a task that fails
-comes back as a result whose `stopped_reason` starts with "failed:", never lost. `cover`
-measures each slice's coverage and sends a fresh agent (told why the last one stopped) over
-the rows a stopped, failed or short agent left, for up to `generation.max_agent_retries`
-rounds. `rebalance` measures the accepted labels against the spec's target and sends top-up
-agents over the still-unlabelled rows for the under-represented labels.
+`generate` runs one Prefect task per slice (`generate_slice`, or its async twin
+`agenerate_slice`; both run `label_slice`) on the runner the spec chooses
+(`generation.task_runner`, see `sub_agent_runner`); a task that fails comes back as a result
+whose `stopped_reason` starts with "failed:", never lost. `cover` measures each slice's
+coverage and sends a fresh agent (told why the last one stopped) over the rows a stopped,
+failed or short agent left, for up to `generation.max_agent_retries` rounds. `rebalance`
+measures the accepted labels against the spec's target and sends top-up agents over the
+still-unlabelled rows for the under-represented labels.
 
 Where the agents run, and what they share:
-- `thread` (default): a thread pool of `generation.concurrency` in the flow's process. Every
-  agent shares one runtime (gateways, cost ledger, budget, each endpoint's AIMD rate limit,
-  judge) and the flow's progress bars.
+- `async` (default): every agent a coroutine on one event loop in the flow's process, at most
+  `generation.concurrency` at a time (`EventLoopRunner`: async Prefect tasks, one task run
+  per slice, gathered under a semaphore). An agent waiting on its LLM call costs no thread,
+  so hundreds run at once; the SDKs' aiohttp transport carries the calls. Every agent shares
+  one runtime (gateways, cost ledger, budget, each endpoint's AIMD rate limit, judge) and the
+  flow's progress bars. bench/fanout.py measures it against the thread runner.
+- `thread`: a thread pool of `generation.concurrency` in the flow's process, each agent on an
+  event loop of its own (`generate_slice` runs the same coroutine); the runtime and progress
+  bars shared as above. Past ~100 agents the threads cost more CPU per call than the one loop
+  (GIL contention; bench/fanout.py: ~15 ms a call with 512 threads, ~7-8 on the loop).
 - `dask`: a Dask cluster, local (`dask_workers` processes started for the run, together
   `concurrency` threads) or an existing one at `dask_address`. Only small descriptors cross
   the process boundary (a `SliceDescriptor`, `RuntimeSettings`, the progress id, the wanted
@@ -29,23 +37,29 @@ Where the agents run, and what they share:
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import json
 import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.context import AsyncClientContext
 from prefect.exceptions import MissingContextError
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from agents.gates import Gate
-from agents.loop import AgentConfig, run_agent
+from agents.loop import AgentConfig, arun_agent
+from agents.providers import run_on_own_loop
 from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ScopedTable, SQLTool
@@ -56,11 +70,12 @@ from flows.spec import Spec, load_spec
 from flows.store import Store
 from flows.warehouse import (
     SliceDescriptor,
-    fetch_eval_rows,
     fetch_slice_rows,
+    iter_eval_rows,
     render_completion,
     render_prompt,
     shared_engine,
+    slice_source,
     without_rows,
 )
 
@@ -69,14 +84,27 @@ from flows.warehouse import (
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
                    want_labels: list[str] | None = None, handover: str | None = None) -> dict:
+    """`label_slice` on a thread (the thread and Dask runners), on an event loop of its own."""
+    return run_on_own_loop(label_slice(descriptor, settings, progress_id, want_labels, handover))
+
+
+@task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
+async def agenerate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings,
+                          progress_id: str, want_labels: list[str] | None = None,
+                          handover: str | None = None) -> dict:
+    """`label_slice` as a coroutine on the flow's event loop (the async runner)."""
+    return await label_slice(descriptor, settings, progress_id, want_labels, handover)
+
+
+async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
+                      want_labels: list[str] | None, handover: str | None) -> dict:
     """One sub-agent labels one slice (`handover`: why the agent before it on these rows
     stopped, for a retry). A slice finished by an earlier, killed attempt of this run is
     skipped; an unfinished one starts over, its completed LLM calls served from the call
     cache, so a resumed run spends nothing twice."""
     rt = get_runtime(settings)
     spec, store, run_id = rt.spec, rt.store, settings.run_id
-    previous = next((s for s in store.list_slices(run_id)
-                     if s["slice_id"] == descriptor.slice_id), None)
+    previous = store.get_slice(run_id, descriptor.slice_id)
     if previous and previous["status"] == "done":
         Progress.get(progress_id).advance("generate", previous["accepted"])
         return {"slice_id": descriptor.slice_id, "accepted": previous["accepted"],
@@ -89,26 +117,33 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
     store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
     held_out = held_out_prompts(settings.spec_path)
 
-    def on_example(event: dict) -> None:
-        if event["status"] == "revoked":  # the judge's re-review disagreed after acceptance
-            store.revoke_example(run_id, descriptor.slice_id, str(event["row_id"]),
-                                 event["reason"])
-            progress.advance("generate", -1)
-            return
-        row = event.get("row") or {}
-        store.add_example(
-            run_id=run_id, slice_id=descriptor.slice_id, row_id=str(event["row_id"]),
-            prompt=render_prompt(spec, row) if row else "",
-            completion=render_completion(spec, event["label"]) if event.get("label") else "",
-            label=None if event.get("label") is None else str(event["label"]),
-            status=event["status"], reason=event.get("reason"), agent=agent,
-            model=spec.llm.generator.model,
-        )
-        if event["status"] == "accepted":
-            progress.advance("generate")
+    def on_examples(events: list[dict]) -> None:
+        """One agent turn's examples, written in order, each run of additions in one
+        transaction (a revocation, the judge's re-review disagreeing after acceptance,
+        follows the additions before it)."""
+        batch: list[dict] = []
+        for event in events:
+            if event["status"] == "revoked":
+                store.add_examples(run_id, batch)
+                batch = []
+                store.revoke_example(run_id, descriptor.slice_id, str(event["row_id"]),
+                                     event["reason"])
+                continue
+            row = event.get("row") or {}
+            label = event.get("label")
+            batch.append({
+                "slice_id": descriptor.slice_id, "row_id": str(event["row_id"]),
+                "prompt": render_prompt(spec, row) if row else "",
+                "completion": render_completion(spec, label) if label else "",
+                "label": None if label is None else str(label), "status": event["status"],
+                "reason": event.get("reason"), "agent": agent,
+                "model": spec.llm.generator.model})
+        store.add_examples(run_id, batch)
+        accepted = sum(e["status"] == "accepted" for e in events)
+        progress.advance("generate", accepted - sum(e["status"] == "revoked" for e in events))
 
     g, role = spec.generation, spec.llm.generator
-    result = run_agent(
+    result = await arun_agent(
         rt.gateways["generator"],
         config=AgentConfig(model=role.model, temperature=role.temperature,
                            max_tokens=role.max_tokens, max_turns=g.max_turns,
@@ -121,12 +156,11 @@ def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progr
               "description": spec.task.description, "want_labels": want_labels or [],
               "previous": handover},
         sql_tool=SQLTool(engine, ScopedTable(
-            name=descriptor.table, columns=descriptor.columns, source_sql=descriptor.sql,
-            params=descriptor.params, id_column=descriptor.id_column,
-        ), row_limit=g.sql_row_limit),
+            descriptor.table, descriptor.columns, *slice_source(engine, descriptor),
+            id_column=descriptor.id_column), row_limit=g.sql_row_limit),
         gate=Gate(spec.task.labels, is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
         rows_lookup=lambda row_ids: fetch_slice_rows(engine, descriptor, row_ids),
-        on_example=on_example,
+        on_examples=on_examples,
         agent_name=agent,
         slice_id=descriptor.slice_id,
         judge=rt.judge,
@@ -158,12 +192,30 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class PromptSet:
+    """A set of prompts kept as 16-byte digests: `prompt in s` without holding the texts."""
+
+    def __init__(self, prompts: Iterable[str]):
+        self._digests = frozenset(self._digest(p) for p in prompts)
+
+    @staticmethod
+    def _digest(prompt: str) -> bytes:
+        return hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and self._digest(prompt) in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
 @functools.cache
-def held_out_prompts(spec_path: str) -> frozenset[str]:
-    """The rendered prompts of the held-out rows: no training example may equal one."""
+def held_out_prompts(spec_path: str) -> PromptSet:
+    """The rendered prompts of the held-out rows (no training example may equal one), read in
+    batches and kept as digests, so a large holdout costs megabytes, not its text."""
     spec = load_spec(spec_path)
-    return frozenset(render_prompt(spec, r)
-                     for r in fetch_eval_rows(spec, shared_engine(spec.warehouse.url)))
+    return PromptSet(render_prompt(spec, r)
+                     for r in iter_eval_rows(spec, shared_engine(spec.warehouse.url)))
 
 
 def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list[dict]) -> None:
@@ -175,11 +227,53 @@ def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list
         json.dumps(redact(m), ensure_ascii=False, default=str) + "\n" for m in transcript))
 
 
-def sub_agent_runner(spec: Spec, concurrency: int | None = None) -> TaskRunner:
-    """The (unstarted) Prefect task runner the sub-agent tasks run on: use it as
+class EventLoopRunner:
+    """`generation.task_runner: async`: each slice's agent is an async Prefect task (one task
+    run per slice, as with the other runners), awaited on one event loop in the flow's
+    process, at most `concurrency` at a time (a semaphore). The tasks are gathered, not
+    `.map`ped: `.map` of async tasks runs each on a thread and loop of its own (slower, and a
+    thread per agent again; shared/STACK.md). The loop lives for one `generate` call."""
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, calls: list[dict], settle: Callable[[int, dict | Exception], dict]
+            ) -> list[dict]:
+        """`agenerate_slice(**calls[i])` for every i; `settle(i, result or exception)` as
+        each ends. Returns the settled results in the calls' order."""
+
+        async def gather() -> list[dict]:
+            limit = asyncio.Semaphore(self.concurrency)
+
+            async def one(i: int, kwargs: dict) -> dict:
+                async with limit:
+                    try:
+                        outcome = await agenerate_slice(**kwargs)
+                    except Exception as e:  # noqa: BLE001 - settled like a failed future
+                        outcome = e
+                return settle(i, outcome)
+
+            # one Prefect API client for every task run on this loop: without it each task
+            # run opens its own (~6 ms of CPU, mostly building an SSL context)
+            async with AsyncClientContext.get_or_create():
+                return list(await asyncio.gather(*(one(i, kw) for i, kw in enumerate(calls))))
+
+        return run_on_own_loop(gather())
+
+
+def sub_agent_runner(spec: Spec, concurrency: int | None = None
+                     ) -> TaskRunner | EventLoopRunner:
+    """The (unstarted) runner the sub-agent tasks run on: use it as
     `with sub_agent_runner(spec) as runner:` and pass it to `generate` / `rebalance` to share
     one Dask cluster between the first pass and the top-up rounds.
 
+    async: `concurrency` coroutines on one event loop in this process (`EventLoopRunner`).
     thread: `concurrency` threads in this process. dask without an address: a LocalCluster of
     min(dask_workers, concurrency) processes with ceil(concurrency / workers) threads each
     (so at least `concurrency` agents at once); with `dask_address`: that cluster, whose own
@@ -187,13 +281,15 @@ def sub_agent_runner(spec: Spec, concurrency: int | None = None) -> TaskRunner:
     """
     g = spec.generation
     concurrency = concurrency or g.concurrency
+    if g.task_runner == "async":
+        return EventLoopRunner(concurrency)
     if g.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=concurrency)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise RuntimeError("generation.task_runner: dask needs the prefect-dask package "
-                           "(pip install prefect-dask), or set task_runner: thread") from None
+                           "(pip install prefect-dask), or set task_runner: async") from None
     log = _logger()
     if g.dask_address:
         if urlsplit(g.dask_address).hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -226,9 +322,9 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
              concurrency: int, want_labels: list[str] | None = None,
-             runner: TaskRunner | None = None,
+             runner: TaskRunner | EventLoopRunner | None = None,
              handover: dict[str, str] | None = None) -> list[dict]:
-    """Map one agent task per slice, `concurrency` at a time, on `runner` (started), or on a
+    """One agent task per slice, `concurrency` at a time, on `runner` (started), or on a
     runner of the spec's `generation.task_runner` made for this call. Results come back in
     slice order; a task that failed (after Prefect's retries) is a result with
     `stopped_reason` "failed: ..." and its slice is marked failed in the store.
@@ -237,22 +333,35 @@ def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_
         with sub_agent_runner(load_spec(settings.spec_path), concurrency) as started:
             return generate(slices, settings, progress_id, concurrency, want_labels, started,
                             handover)
+    here, progress = this_process(), Progress.get(progress_id)
+
+    def settle(i: int, outcome: dict | Exception) -> dict:
+        """One slice's end, the same on every runner: a failure recorded, never lost; the
+        accepted count of an agent in another process added to the bars here."""
+        if isinstance(outcome, Exception):
+            return _failed(slices[i], settings, outcome)
+        if outcome.get("process") != here:
+            progress.advance("generate", outcome["accepted"])
+        return outcome
+
+    if isinstance(runner, EventLoopRunner):
+        return runner.run([{"descriptor": s, "settings": settings, "progress_id": progress_id,
+                            "want_labels": want_labels,
+                            "handover": (handover or {}).get(s.slice_id)} for s in slices],
+                          settle)
     futures = runner.map(generate_slice, {
         "descriptor": slices, "settings": unmapped(settings),
         "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels),
         "handover": [(handover or {}).get(s.slice_id) for s in slices]})
-    here, progress = this_process(), Progress.get(progress_id)
     results: dict[int, dict] = {}
     index = {id(f): i for i, f in enumerate(futures)}
     for future in as_completed(list(futures)):
         i = index[id(future)]
         try:
-            results[i] = future.result()
+            outcome = future.result()
         except Exception as e:  # noqa: BLE001 - any agent failure is recorded, never lost
-            results[i] = _failed(slices[i], settings, e)
-            continue
-        if results[i].get("process") != here:  # another process could not move these bars
-            progress.advance("generate", results[i]["accepted"])
+            outcome = e
+        results[i] = settle(i, outcome)
     return [results[i] for i in range(len(futures))]
 
 
@@ -269,11 +378,10 @@ def _failed(descriptor: SliceDescriptor, settings: RuntimeSettings, error: Excep
 
 def cover(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
           results: list[dict], settings: RuntimeSettings, progress_id: str,
-          runner: TaskRunner | None = None) -> list[dict]:
+          runner: TaskRunner | EventLoopRunner | None = None) -> list[dict]:
     """Fresh agents over the rows that stopped, failed or short agents left unlabelled,
     `generation.max_agent_retries` rounds at most; each is told why the last one stopped.
     Returns the retry agents' results."""
-    engine = shared_engine(spec.warehouse.url)
     by_slice = {s.slice_id: s for s in slices}
     retried: list[dict] = []
     for round_no in range(1, spec.generation.max_agent_retries + 1):
@@ -284,7 +392,7 @@ def cover(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
         jobs, why = [], {}
         for c in short:
             job = without_rows(by_slice[c.slice_id], c.done_rows + c.disputed_rows,
-                               f"{c.slice_id}+retry{round_no}", engine)
+                               f"{c.slice_id}+retry{round_no}")
             last = c.agents[-1].split(": ", 1)[-1] if c.agents else "no agent ran"
             why[job.slice_id] = (
                 f"it finished without a label for {c.retryable} of {c.planned} rows"
@@ -302,7 +410,7 @@ def cover(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
 
 def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
               settings: RuntimeSettings, progress_id: str,
-              runner: TaskRunner | None = None) -> dict:
+              runner: TaskRunner | EventLoopRunner | None = None) -> dict:
     """Measure the labels against the target; top up the under-represented ones (on `runner`
     when given, else on a runner of the spec's choice per round)."""
     labels = spec.task.labels
@@ -316,7 +424,6 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
 
     counts, tv_before = measure()
     tv, results, topups = tv_before, [], 0
-    engine = shared_engine(spec.warehouse.url)
     for round_no in range(1, spec.distribution.max_topup_rounds + 1):
         if not target or tv <= spec.distribution.tolerance:
             break
@@ -326,8 +433,8 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
         done: dict[str, list[str]] = {}
         for ex in store.accepted_examples(run_id):
             done.setdefault(coverage.base_slice(ex["slice_id"]), []).append(ex["row_id"])
-        jobs = [without_rows(s, done.get(s.slice_id, []), f"{s.slice_id}+topup{round_no}",
-                             engine) for s in slices]
+        jobs = [without_rows(s, done.get(s.slice_id, []), f"{s.slice_id}+topup{round_no}")
+                for s in slices]
         jobs = [j for j in jobs if j.row_count > 0]
         if not jobs:
             break

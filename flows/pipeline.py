@@ -79,8 +79,9 @@ def plan(spec: Spec, store_url: str, run_id: str) -> list[SliceDescriptor]:
     engine = shared_engine(spec.warehouse.url)
     if engine.dialect.name == "postgresql":  # agents read as a SELECT-only role: make sure of it
         ensure_reader_role(engine, "posttrain_reader", spec.warehouse.tables)
-    slices = plan_slices(spec, engine)
-    shared_store(store_url).add_slices(run_id, slices)
+    store = shared_store(store_url)  # holds the slices' row ids (an earlier plan's stay valid)
+    slices = plan_slices(spec, engine, members=store, plan_id=run_id)
+    store.add_slices(run_id, slices)
     get_run_logger().info(
         "%d slices, %d rows: %s", len(slices), sum(s.row_count for s in slices),
         ", ".join(f"{s.slice_id}({s.row_count})" for s in slices),

@@ -1,8 +1,9 @@
 """The LLM runtime of one pipeline run: providers per role, gateways, the shared ledger.
 
 Prefect tasks receive only small, hashable settings (`RuntimeSettings`); each process
-builds the runtime once from them (`get_runtime`) and every agent thread shares it, so the
-cost ledger, the budget and each endpoint's adaptive rate limit are per run, not per agent.
+builds the runtime once from them (`get_runtime`) and every agent shares it, threads and
+coroutines alike (the gateways' blocking and async paths share their state), so the cost
+ledger, the budget and each endpoint's adaptive rate limit are per run, not per agent.
 Keys are never task parameters (they would land in Prefect's database): they are read here,
 from the environment or a Prefect Secret block, by `resolve_key`.
 """
@@ -77,6 +78,8 @@ class Runtime:
             max_usd=llm.budget.max_usd, max_tokens=llm.budget.max_tokens,
         )
         endpoints = dict(settings.endpoints)
+        # a reply and its call record are written in one transaction (StoreCallCache)
+        self.cache = self.store.call_cache(with_records=True)
         self.gateways: dict[str, LLMGateway] = {}
         for name, role in llm.roles().items():
             provider = make_provider(role.api, base_url=endpoints.get(name),
@@ -85,7 +88,7 @@ class Runtime:
                                   minimum=llm.rate_limit.minimum,
                                   maximum=llm.rate_limit.maximum)
             self.gateways[name] = LLMGateway(
-                provider, role=name, cache=self.store.call_cache(), ledger=self.ledger,
+                provider, role=name, cache=self.cache, ledger=self.ledger,
                 limiter=limiter, on_call=self._record)
         # the drift test's settings, and the fleet's early bad rate shared by this process's
         # agents (agents/drift.py)
@@ -99,7 +102,8 @@ class Runtime:
                                max_tokens=llm.judge.max_tokens)
 
     def _record(self, record: dict) -> None:
-        self.store.record_call(self.settings.run_id, **record)
+        self.store.record_call(self.settings.run_id, **record,
+                               reply=self.cache.take(record["request_hash"]))
 
     def drift_policy(self, rows: int) -> DriftPolicy:
         """A fresh drift test for an agent over `rows` rows: it sees about one observation a

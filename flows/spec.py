@@ -275,8 +275,10 @@ class Generation(_Strict):
     max_nudges: int = Field(
         2, ge=0, description="Times an agent that stops early is told rows remain."
     )
-    task_runner: Literal["thread", "dask"] = Field(
-        "thread", description="Where sub-agent tasks run: threads in the flow's process, or a "
+    task_runner: Literal["async", "thread", "dask"] = Field(
+        "async", description="Where sub-agent tasks run: async = coroutines on one event loop "
+        "in the flow's process (async Prefect tasks, one per slice; many agents without a "
+        "thread each); thread = a thread per running agent in the flow's process; dask = a "
         "Dask cluster (each worker process has its own budget and rate limiter)."
     )
     dask_address: str | None = Field(

@@ -5,8 +5,9 @@ IMMEDIATE` writes, so several agent threads can write at once), PostgreSQL in pr
 `Store` is thread-safe: each method opens one short session of its own.
 
 Tables: `runs` (one pipeline run), `slices` (one agent's share and how it ended),
-`examples` (every submission: accepted, or rejected with the gate's reason) and
-`llm_calls` (tokens, latency and errors of every provider call).
+`examples` (every submission: accepted, or rejected with the gate's reason),
+`llm_calls` (tokens, latency and errors of every provider call) and `slice_members` (which
+row ids each planned slice holds, written once at planning: see flows/warehouse.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Self
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 RUN_STATUSES = ("running", "completed", "failed", "skipped")
@@ -77,6 +81,8 @@ class Example(Base):
     __table_args__ = (
         sa.Index("ix_examples_run_status", "run_id", "status"),
         sa.Index("ix_examples_run_hash", "run_id", "content_hash"),
+        # a slice's examples (clearing, revoking) without reading the whole run's
+        sa.Index("ix_examples_run_slice_row", "run_id", "slice_id", "row_id"),
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id"))
@@ -116,6 +122,19 @@ class LLMCall(Base):
     status: Mapped[str] = mapped_column(sa.String(16), default="ok")
     error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=_now)
+
+
+class SliceMember(Base):
+    """Rows `first_pos`..`first_pos + n - 1` of part `part` of plan `plan_id`: their ids (as
+    `agents.gates.row_key` text), a JSON array. A slice is a position range of one part, so
+    its ids are one indexed read of a few chunks, and a million ids are a thousand inserts."""
+
+    __tablename__ = "slice_members"
+    plan_id: Mapped[str] = mapped_column(sa.String(80), primary_key=True)
+    part: Mapped[str] = mapped_column(sa.String(300), primary_key=True)
+    first_pos: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(sa.Integer)
+    row_ids: Mapped[str] = mapped_column(sa.Text)
 
 
 class CachedCall(Base):
@@ -160,6 +179,10 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL: a commit is not fsynced (a checkpoint is), so a crash
+        # of this process loses nothing and the file never corrupts; only a power cut may lose
+        # the last commits. FULL fsynced every example's commit: most of an agent's CPU.
+        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -167,8 +190,10 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn):
         # Take the write lock up front: a deferred transaction that reads, then writes,
-        # can fail at once with SQLITE_BUSY instead of waiting for the busy timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # can fail at once with SQLITE_BUSY instead of waiting for the busy timeout. A
+        # read-only one (`Store._reading`) takes no lock: in WAL, readers never wait.
+        read_only = conn.get_execution_options().get("pt_read_only")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -183,7 +208,15 @@ class Store:
         else:
             self.engine = sa.create_engine(parsed, pool_pre_ping=True)
         Base.metadata.create_all(self.engine)
+        for index in Example.__table__.indexes:  # a store made before an index was added
+            index.create(self.engine, checkfirst=True)
+        self.url = url
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _reading(self) -> sa.Connection:
+        """A connection for reads only: on SQLite it takes no write lock (see `_on_begin`).
+        The hot reads (the call cache, a slice, its members) use it."""
+        return self.engine.connect().execution_options(pt_read_only=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -257,10 +290,40 @@ class Store:
         self._update(Slice, (Slice.run_id == run_id) & (Slice.slice_id == slice_id),
                      f"slice {slice_id!r} of run {run_id}", **fields)
 
+    def get_slice(self, run_id: str, slice_id: str) -> dict | None:
+        """One slice of a run (an indexed read), or None."""
+        with self._reading() as conn:
+            row = conn.execute(sa.select(Slice).where(Slice.run_id == run_id,
+                                                      Slice.slice_id == slice_id)).first()
+            return None if row is None else dict(row._mapping)
+
     def list_slices(self, run_id: str) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(sa.select(Slice).where(Slice.run_id == run_id).order_by(Slice.id))
             return [_row(r) for r in rows]
+
+    # ── slice members (flows.warehouse.MemberStore) ──
+    def add_members(self, plan_id: str, chunks: list[tuple[str, int, list[str]]]) -> None:
+        """Record chunks (part, position of the first id, ids) of a plan, in one insert."""
+        if chunks:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(SliceMember), [
+                    {"plan_id": plan_id, "part": part, "first_pos": first, "n": len(ids),
+                     "row_ids": json.dumps(ids)} for part, first, ids in chunks])
+
+    def members(self, plan_id: str, part: str, lo: int, hi: int) -> list[str]:
+        """The row ids at positions lo..hi-1 of a plan's part, in position order."""
+        m = SliceMember
+        with self._reading() as conn:
+            rows = conn.execute(
+                sa.select(m.first_pos, m.row_ids).where(
+                    m.plan_id == plan_id, m.part == part, m.first_pos < hi,
+                    m.first_pos + m.n > lo).order_by(m.first_pos)).all()
+        out: list[str] = []
+        for first, ids in rows:
+            ids = json.loads(ids)
+            out.extend(ids[max(lo - first, 0):hi - first])
+        return out
 
     # ── examples ──
     def add_example(
@@ -278,20 +341,35 @@ class Store:
         model: str | None = None,
     ) -> int:
         """Record one submission; a rejected one needs the gate's reason, an accepted none."""
-        _check(status, EXAMPLE_STATUSES, "example status")
-        if status == "accepted" and reason is not None:
-            raise ValueError("an accepted example has no rejection reason")
-        if status == "rejected" and not reason:
-            raise ValueError("a rejected example needs its reason")
-        ex = Example(run_id=run_id, slice_id=slice_id,
-                     row_id=None if row_id is None else str(row_id), prompt=prompt,
-                     completion=completion, label=label, status=status, reason=reason,
-                     agent=agent, model=model, content_hash=content_hash(prompt, completion),
-                     created_at=_now())
+        return self.add_examples(run_id, [{
+            "slice_id": slice_id, "row_id": row_id, "prompt": prompt, "completion": completion,
+            "label": label, "status": status, "reason": reason, "agent": agent,
+            "model": model}])[0]
+
+    def add_examples(self, run_id: str, examples: list[dict]) -> list[int]:
+        """Record several submissions (each with `add_example`'s keywords) in one transaction:
+        an agent's whole submission is one write. Returns their ids."""
+        rows = []
+        for e in examples:
+            status, reason = e.get("status", "accepted"), e.get("reason")
+            _check(status, EXAMPLE_STATUSES, "example status")
+            if status == "accepted" and reason is not None:
+                raise ValueError("an accepted example has no rejection reason")
+            if status == "rejected" and not reason:
+                raise ValueError("a rejected example needs its reason")
+            row_id, prompt, completion = e["row_id"], e["prompt"], e["completion"]
+            rows.append(Example(
+                run_id=run_id, slice_id=e["slice_id"],
+                row_id=None if row_id is None else str(row_id), prompt=prompt,
+                completion=completion, label=e["label"], status=status, reason=reason,
+                agent=e.get("agent"), model=e.get("model"),
+                content_hash=content_hash(prompt, completion), created_at=_now()))
+        if not rows:
+            return []
         with self._session.begin() as s:
-            s.add(ex)
+            s.add_all(rows)
             s.flush()
-            return ex.id
+            return [r.id for r in rows]
 
     def accepted_examples(self, run_id: str) -> list[dict]:
         """The run's accepted examples in the order they were written."""
@@ -348,37 +426,53 @@ class Store:
         latency_ms: float = 0.0,
         status: str = "ok",
         error: str | None = None,
+        reply: dict | None = None,
     ) -> int:
-        """Record one gateway record (see docs/agent-runtime.md): an attempt or a cache hit."""
+        """Record one gateway record (see docs/agent-runtime.md): an attempt or a cache hit.
+        With `reply` ({"api", "model", "response"}: what `cache_put` takes for this request
+        hash), the call cache entry is written in the same transaction."""
         _check(status, CALL_STATUSES, "call status")
-        call = LLMCall(run_id=run_id, slice_id=slice_id, agent=agent, role=role, provider=api,
-                       model=model, request_hash=request_hash, cached=bool(cached),
-                       attempt=int(attempt), input_tokens=int(input_tokens),
-                       output_tokens=int(output_tokens),
-                       cache_read_tokens=int(cache_read_tokens),
-                       cache_write_tokens=int(cache_write_tokens), cost_usd=float(cost_usd),
-                       latency_ms=float(latency_ms), status=status, error=error,
-                       created_at=_now())
-        with self._session.begin() as s:
-            s.add(call)
-            s.flush()
-            return call.id
+        values = {"run_id": run_id, "slice_id": slice_id, "agent": agent, "role": role,
+                  "provider": api, "model": model, "request_hash": request_hash,
+                  "cached": bool(cached), "attempt": int(attempt),
+                  "input_tokens": int(input_tokens), "output_tokens": int(output_tokens),
+                  "cache_read_tokens": int(cache_read_tokens),
+                  "cache_write_tokens": int(cache_write_tokens), "cost_usd": float(cost_usd),
+                  "latency_ms": float(latency_ms), "status": status, "error": error,
+                  "created_at": _now()}
+        with self.engine.begin() as conn:  # one transaction: this runs once per LLM call
+            if reply is not None:
+                self._cache_insert(conn, request_hash, **reply)
+            return conn.execute(sa.insert(LLMCall).values(**values)).inserted_primary_key[0]
 
     # ── the call cache (implements agents.gateway.CallCache) ──
     def cache_get(self, key: str) -> dict | None:
-        with self._session() as s:
-            hit = s.get(CachedCall, key)
-            return None if hit is None else json.loads(hit.response_json)
+        with self._reading() as conn:
+            hit = conn.execute(sa.select(CachedCall.response_json).where(
+                CachedCall.request_hash == key)).scalar()
+            return None if hit is None else json.loads(hit)
 
     def cache_put(self, key: str, *, api: str, model: str, response: dict) -> None:
-        with self._session.begin() as s:
-            if s.get(CachedCall, key) is None:
-                s.add(CachedCall(request_hash=key, api=api, model=model,
-                                 response_json=json.dumps(response, sort_keys=True),
-                                 created_at=_now()))
+        """Keep a reply; the first one kept for a key stays (one INSERT, no read first)."""
+        try:
+            with self.engine.begin() as conn:
+                self._cache_insert(conn, key, api=api, model=model, response=response)
+        except sa.exc.IntegrityError:  # another database, a key put twice: the first stays
+            pass
 
-    def call_cache(self) -> StoreCallCache:
-        return StoreCallCache(self)
+    def _cache_insert(self, conn: sa.Connection, key: str, *, api: str, model: str,
+                      response: dict) -> None:
+        values = {"request_hash": key, "api": api, "model": model, "created_at": _now(),
+                  "response_json": json.dumps(response, sort_keys=True)}
+        insert = {"sqlite": sqlite_insert, "postgresql": pg_insert}.get(self.engine.dialect.name)
+        if insert is None:
+            conn.execute(sa.insert(CachedCall).values(**values))
+        else:
+            conn.execute(insert(CachedCall).values(**values).on_conflict_do_nothing(
+                index_elements=["request_hash"]))
+
+    def call_cache(self, with_records: bool = False) -> StoreCallCache:
+        return StoreCallCache(self, with_records)
 
     def call_totals(self, run_id: str) -> dict:
         """Over the run's records: calls (provider attempts), errors, cache_hits, tokens, cost,
@@ -441,16 +535,33 @@ class Store:
 
 
 class StoreCallCache:
-    """The store as the gateway's call cache (agents.gateway.CallCache)."""
+    """The store as the gateway's call cache (agents.gateway.CallCache).
 
-    def __init__(self, store: Store):
+    `with_records`: the gateway puts a reply and records its call back to back (no await
+    between), so `put` only holds the reply and the caller's `on_call` hands it to
+    `Store.record_call(..., reply=cache.take(request_hash))`: one transaction a call, not
+    two. Replies never taken (none is expected) are simply not cached."""
+
+    def __init__(self, store: Store, with_records: bool = False):
         self._store = store
+        self._with_records = with_records
+        self._held: dict[str, dict] = {}
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> dict | None:
         return self._store.cache_get(key)
 
     def put(self, key: str, *, api: str, model: str, response: dict) -> None:
-        self._store.cache_put(key, api=api, model=model, response=response)
+        if not self._with_records:
+            self._store.cache_put(key, api=api, model=model, response=response)
+            return
+        with self._lock:
+            self._held[key] = {"api": api, "model": model, "response": response}
+
+    def take(self, key: str) -> dict | None:
+        """The reply `put` holds for this request hash, for its call record to write."""
+        with self._lock:
+            return self._held.pop(key, None)
 
 
 @functools.cache

@@ -248,7 +248,8 @@ def scripted_provider(replies: list[dict], seen: list[dict]):
         })
 
     return make_provider("openai", base_url="http://scripted.invalid/v1", api_key="k",
-                         http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+                         async_http_client=httpx2.AsyncClient(
+                             transport=httpx2.MockTransport(handler)))
 
 
 def tool_call(name: str, arguments: str, i: int = 0) -> dict:

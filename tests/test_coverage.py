@@ -113,14 +113,13 @@ def test_coverage_is_measured_from_the_store(tmp_path):
     rows the judge rejected twice disputed (not retried), revoked labels not counted."""
     from flows import coverage
     from flows.store import Store
-    from flows.warehouse import SliceDescriptor
+    from flows.warehouse import MembersRef, SliceDescriptor
 
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     run = store.start_run("t", "h", "{}")
-    common = {"table": "t", "id_column": "id", "columns": ["id"], "sql": "SELECT id FROM t",
-              "params": {}}
-    slices = [SliceDescriptor(slice_id="g=a", key={}, row_count=6, **common),
-              SliceDescriptor(slice_id="g=b", key={}, row_count=2, **common)]
+    common = {"table": "t", "id_column": "id", "columns": ["id"]}
+    slices = [SliceDescriptor(slice_id=g, key={}, row_count=n, **common, members=MembersRef(
+        url=store.url, plan_id="p", part=g, lo=0, hi=n)) for g, n in (("g=a", 6), ("g=b", 2))]
 
     def add(slice_id, row_id, status="accepted", reason=None):
         store.add_example(run, slice_id=slice_id, row_id=row_id, prompt=f"p{row_id}",

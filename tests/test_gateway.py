@@ -3,6 +3,8 @@ httpx2 mock transports; the ledger and prices; the adaptive limiter; redaction."
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -340,6 +342,95 @@ def test_limiter_for_is_shared_per_endpoint():
     assert limiter_for("http://shared.test/v1") is a and a.limit == 5
     assert limiter_for("http://other.test/v1") is not a
     assert AdaptiveLimiter(initial=8, maximum=4).limit == 4  # initial clamped
+
+
+def test_async_slots_share_the_bound_with_threads_without_blocking_the_loop():
+    lim = AdaptiveLimiter(initial=3, maximum=3)
+    active, peak, lock, ticks = [0], [0], threading.Lock(), []
+
+    def hold(seconds: float) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(seconds)
+        with lock:
+            active[0] -= 1
+
+    def thread_worker():
+        with lim.slot():
+            hold(0.01)
+
+    async def coroutine_worker():
+        async with lim.aslot():
+            hold(0.001)
+            await asyncio.sleep(0.01)
+
+    async def ticker():  # runs all along: waiting for a slot never blocks the loop
+        for _ in range(10):
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    async def main():
+        await asyncio.gather(ticker(), *(coroutine_worker() for _ in range(20)))
+
+    threads = [threading.Thread(target=thread_worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    asyncio.run(main())
+    for t in threads:
+        t.join()
+    assert peak[0] <= 3 and lim.in_flight == 0
+    assert len(ticks) == 10 and max(b - a for a, b in itertools.pairwise(ticks)) < 0.1
+
+
+def test_async_throttle_pauses_slots_and_one_event_decreases_once():
+    lim = AdaptiveLimiter(initial=16)
+
+    async def worker(inside: asyncio.Barrier):
+        async with lim.aslot():
+            await inside.wait()
+        lim.on_throttle()  # all four tasks were in flight before the first decrease
+
+    async def main():
+        inside = asyncio.Barrier(4)
+        await asyncio.gather(*(worker(inside) for _ in range(4)))
+        assert lim.limit == 8
+        lim.on_throttle(retry_after=0.1)  # not from a slot of this task: a new event
+        started = time.monotonic()
+        async with lim.aslot():
+            return time.monotonic() - started
+
+    waited = asyncio.run(main())
+    assert 0.08 <= waited < 1.0 and lim.limit == 4 and lim.in_flight == 0
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_async_gateway_takes_the_same_path(api):
+    """acomplete: the same records, retries, backoff and cache as complete."""
+    ok = openai_ok if api == "openai" else anthropic_ok
+    wire = Wire(too_many("0.25"), ok())
+    base = "http://llm.test/v1" if api == "openai" else "http://llm.test/anthropic"
+    provider = make_provider(api, base_url=base, api_key="k",
+                             http_client=httpx2.Client(transport=httpx2.MockTransport(wire)),
+                             async_http_client=httpx2.AsyncClient(
+                                 transport=httpx2.MockTransport(wire)))
+    records, sleeps = [], []
+
+    async def asleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    gw = LLMGateway(provider, role="teacher", cache=MemoryCache(), on_call=records.append,
+                    limiter=AdaptiveLimiter(initial=8), asleep=asleep, backoff_base=0.01,
+                    ledger=CostLedger(load_prices()))
+    kw = {"model": "m", "messages": MESSAGES, "tools": None, "temperature": 0.5,
+          "max_tokens": 100, "agent": "a1", "slice_id": "s1"}
+    completion = asyncio.run(gw.acomplete(**kw))
+    assert completion.text == "done" and wire.count == 2
+    assert [(r["attempt"], r["status"]) for r in records] == [(1, "error"), (2, "ok")]
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert len(sleeps) == 1 and sleeps[0] >= 0.25  # the server's retry-after
+    assert gw.complete(**kw) == completion and wire.count == 2  # the blocking call: a hit
+    assert records[-1]["cached"] is True
 
 
 # ── redaction ──────────────────────────────────────────────────────────────────────────────

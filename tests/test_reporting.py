@@ -23,7 +23,7 @@ from flows.approval import Approval
 from flows.reporting import NOTE_TAG, UI_ENV, publish_reports
 from flows.spec import Spec
 from flows.store import Store
-from flows.warehouse import SliceDescriptor
+from flows.warehouse import MembersRef, SliceDescriptor
 from tests.servers import free_port
 from training.evaluate import classification_metrics
 from training.registry import decide_promotion
@@ -49,8 +49,8 @@ def _spec() -> Spec:
 def _descriptor(slice_id: str, rows: int) -> SliceDescriptor:
     return SliceDescriptor(slice_id=slice_id, key={"region": slice_id}, table="articles",
                            id_column="id", columns=["id", "title"],
-                           sql="SELECT id, title FROM articles WHERE region = :r",
-                           params={"r": slice_id}, row_count=rows)
+                           members=MembersRef(url="memory:none", plan_id="p", part=slice_id,
+                                              lo=0, hi=rows), row_count=rows)
 
 
 def _log_history(client: MlflowClient, run_id: str, key: str, values: list[float]) -> None:

@@ -8,6 +8,7 @@ byte-for-byte (SQLite) and row-for-row (both) unchanged afterwards."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 import time
@@ -27,7 +28,14 @@ from agents.sql_tool import (
     SQLTool,
     ensure_reader_role,
 )
-from flows.warehouse import hash_sql, make_engine
+from flows.warehouse import (
+    MembersRef,
+    MemoryMembers,
+    SliceDescriptor,
+    make_engine,
+    slice_source,
+    stable_hash,
+)
 from tests.sql_hostile import HOSTILE
 
 COLUMNS = ["id", "title", "body", "published_at", "region", "word_count"]
@@ -169,11 +177,19 @@ class Backend:
 
 
 def _slice_source(engine: sa.Engine) -> tuple[str, dict]:
-    quote = engine.dialect.identifier_preparer.quote
-    cols = ", ".join(quote(c) for c in COLUMNS)
-    keep = f"{hash_sql(engine, quote('id'))} % 10000 >= :pt_holdout_cut"
-    sql = f"SELECT {cols} FROM {quote('articles')} WHERE {quote('region')} = :pt_value AND {keep}"
-    return sql, {"pt_value": "europe", "pt_holdout_cut": 1000}
+    """The europe slice (its non-held-out rows), exactly as flows/warehouse.py gives it to an
+    agent's SQL tool: its ids bound as one JSON array."""
+    with engine.connect() as conn:
+        ids = [i for i in conn.execute(sa.text(
+            "SELECT id FROM articles WHERE region = 'europe' ORDER BY id")).scalars()
+            if stable_hash(i) % 10000 >= 1000]
+    members = MemoryMembers()
+    members.add_members("p", [("europe", 0, [str(i) for i in ids])])
+    d = SliceDescriptor(slice_id="region=europe", key={"region": "europe"}, table="articles",
+                        id_column="id", columns=COLUMNS, row_count=len(ids),
+                        members=MembersRef(url=members.url, plan_id="p", part="europe", lo=0,
+                                           hi=len(ids)))
+    return slice_source(engine, d)
 
 
 def _digest(parts) -> str:
@@ -331,6 +347,17 @@ def test_ordinary_queries_return_the_right_rows(backend):
     assert avg == pytest.approx(sum(r["word_count"] for r in rows) / len(rows), abs=0.01)
     assert tool.lookup_row(rows[0]["id"]) == rows[0]
     assert tool.stats["executed"] == len(_legit_cases(rows)) + 1 and not tool.stats["rejected"]
+
+
+def test_a_fresh_connection_reads_its_slice_first_time(small_warehouse_url):
+    """The slice's ids come through json_each, a virtual table SQLite connects on first use;
+    that must work when the tool's query is the connection's very first."""
+    engine = make_engine(small_warehouse_url, poolclass=sa.pool.NullPool)  # a new one per query
+    source, params = _slice_source(engine)
+    tool = SQLTool(engine, ScopedTable("articles", COLUMNS, source, params, "id"))
+    n = len(json.loads(params["pt_members"]))
+    assert n > 10 and tool.run("SELECT count(*) AS n FROM articles")["rows"] == [{"n": n}]
+    assert tool.run("SELECT DISTINCT region FROM articles")["rows"] == [{"region": "europe"}]
 
 
 # ── the hostile corpus: refused by the tool, and by the connection alone ────────────────

@@ -8,9 +8,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy as sa
 
 from flows.store import Store
-from flows.warehouse import SliceDescriptor
+from flows.warehouse import MembersRef, SliceDescriptor
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -27,9 +28,24 @@ def store(request, tmp_path):
 def descriptor(slice_id: str, n: int = 10) -> SliceDescriptor:
     return SliceDescriptor(
         slice_id=slice_id, key={"region": slice_id}, table="articles", id_column="id",
-        columns=["id", "title"], sql="SELECT id, title FROM articles WHERE region = :pt_value",
-        params={"pt_value": slice_id}, row_count=n,
+        columns=["id", "title"],
+        members=MembersRef(url="memory:none", plan_id="p", part=slice_id, lo=0, hi=n),
+        row_count=n,
     )
+
+
+def test_slice_members_are_chunks_read_back_by_position(store):
+    """Planning writes a part's ids in chunks; any position range reads back in order, and a
+    plan or part never sees another's ids."""
+    ids = [f"{i}" for i in range(1, 101)]
+    store.add_members("run1/a", [("bucket=0", 0, ids[:40]), ("bucket=1", 0, ["x", "y"])])
+    store.add_members("run1/a", [("bucket=0", 40, ids[40:95]), ("bucket=0", 95, ids[95:])])
+    store.add_members("run1/b", [("bucket=0", 0, ["other"])])
+    for lo, hi in [(0, 100), (0, 40), (39, 41), (10, 96), (95, 100), (99, 200), (100, 120)]:
+        assert store.members("run1/a", "bucket=0", lo, hi) == ids[lo:hi], (lo, hi)
+    assert store.members("run1/a", "bucket=1", 0, 5) == ["x", "y"]
+    assert store.members("run1/b", "bucket=0", 0, 5) == ["other"]
+    assert store.members("run1/a", "bucket=9", 0, 5) == []
 
 
 def test_round_trip(store):
@@ -152,3 +168,40 @@ def test_four_threads_write_at_once(store):
     assert (totals["calls"], totals["errors"], totals["input_tokens"],
             totals["output_tokens"]) == (100, 0, 300, 100)
     assert {s["accepted"] for s in store.list_slices(run)} == {per_thread}
+
+
+def test_a_slice_is_read_and_cleared_by_index_in_older_stores_too(store):
+    """Per-slice work (an agent's start, a revocation) reads its slice's examples by index,
+    not the whole run's; a store created before that index gets it when opened."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_examples_run_slice_row"))
+    reopened = Store(store.url)
+    names = {i["name"] for i in sa.inspect(reopened.engine).get_indexes("examples")}
+    assert "ix_examples_run_slice_row" in names
+    run = reopened.start_run("n", "h", "{}")
+    reopened.add_slices(run, [descriptor("g=a", 3)])
+    assert reopened.get_slice(run, "g=a")["row_count"] == 3
+    assert reopened.get_slice(run, "g=b") is None
+    ids = reopened.add_examples(run, [
+        {"slice_id": "g=a", "row_id": i, "prompt": f"p{i}", "completion": "c", "label": "x"}
+        for i in range(3)])
+    assert len(ids) == 3 and reopened.clear_slice_examples(run, "g=a") == 3
+    reopened.close()
+
+
+def test_a_call_record_and_its_cached_reply_are_one_write(store):
+    """The runtime's cache holds a reply until its call is recorded, then both go in one
+    transaction; a reply never recorded is not cached, and a plain cache writes at once."""
+    run = store.start_run("n", "h", "{}")
+    cache = store.call_cache(with_records=True)
+    cache.put("k1", api="openai", model="m", response={"text": "a"})
+    assert store.cache_get("k1") is None  # held, not yet written
+    store.record_call(run, api="openai", model="m", request_hash="k1", input_tokens=3,
+                      reply=cache.take("k1"))
+    assert cache.get("k1") == {"text": "a"} and cache.take("k1") is None
+    assert store.call_totals(run)["calls"] == 1
+    store.record_call(run, api="openai", model="m", request_hash="k1", reply={
+        "api": "openai", "model": "m", "response": {"text": "b"}})  # the first reply stays
+    assert store.cache_get("k1") == {"text": "a"}
+    store.call_cache().put("k2", api="openai", model="m", response={"text": "c"})
+    assert store.cache_get("k2") == {"text": "c"}

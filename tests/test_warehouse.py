@@ -24,6 +24,7 @@ from flows.warehouse import (
     plan_slices,
     render_completion,
     render_prompt,
+    slice_source,
     stable_hash,
     without_rows,
 )
@@ -57,8 +58,11 @@ def all_ids(engine) -> list[int]:
 
 
 def slice_ids(engine, d: SliceDescriptor) -> list:
+    """The slice's ids as its agent's SQL tool sees them (`slice_source`), in id order."""
+    sql, params = slice_source(engine, d)
     with engine.connect() as conn:
-        return conn.execute(sa.text(f"SELECT {d.id_column} FROM ({d.sql}) s"), d.params).scalars().all()
+        return conn.execute(sa.text(f"SELECT {d.id_column} FROM ({sql}) s ORDER BY 1"),
+                            params).scalars().all()
 
 
 def holdout_ids(ids, fraction=0.18) -> set:
@@ -131,11 +135,15 @@ def test_group_by_slices_partition_and_split_hot_group(small_warehouse_url):
     assert max(d.row_count for d in uk) - min(d.row_count for d in uk) <= 1  # balanced parts
     with engine.connect() as conn:
         for d in slices:
+            sql, params = slice_source(engine, d)
             regions = conn.execute(
-                sa.text(f"SELECT DISTINCT region FROM ({d.sql}) s"), d.params).scalars().all()
+                sa.text(f"SELECT DISTINCT region FROM ({sql}) s"), params).scalars().all()
             assert regions == [d.key["region"]]
             assert members[d.slice_id]  # never empty
-    assert plan_slices(spec, engine) == slices  # deterministic
+    again = plan_slices(spec, engine)  # deterministic: the same slices, the same rows
+    assert [(d.slice_id, d.key, d.row_count) for d in again] == \
+           [(d.slice_id, d.key, d.row_count) for d in slices]
+    assert all(slice_ids(engine, a) == members[a.slice_id] for a in again)
 
 
 def test_descriptors_are_small_json_without_rows(small_warehouse_url):
@@ -149,7 +157,7 @@ def test_descriptors_are_small_json_without_rows(small_warehouse_url):
         assert len(blob) < 1000
         assert not any(t in blob for t in titles)
         assert SliceDescriptor.model_validate(json.loads(blob)) == d  # round-trips via JSON
-        assert d.columns == COLUMNS and "topic" not in d.sql
+        assert d.columns == COLUMNS and "topic" not in slice_source(engine, d)[0]
 
 
 def test_hash_slices_partition(small_warehouse_url):
@@ -168,7 +176,9 @@ def test_max_slices_takes_the_first(small_warehouse_url):
     engine = make_engine(small_warehouse_url)
     full = plan_slices(spec, engine)
     spec.generation.max_slices = 3
-    assert plan_slices(spec, engine) == full[:3]
+    first = plan_slices(spec, engine)
+    assert [d.slice_id for d in first] == [d.slice_id for d in full[:3]]
+    assert [slice_ids(engine, d) for d in first] == [slice_ids(engine, d) for d in full[:3]]
 
 
 def test_null_group_values_get_their_own_slice(tmp_path):
@@ -182,7 +192,7 @@ def test_null_group_values_get_their_own_slice(tmp_path):
     spec = make_spec(url, table="items", columns=["id", "region", "txt"], max_rows_per_slice=20)
     slices = plan_slices(spec, engine)
     null = [d for d in slices if d.key["region"] is None]
-    assert null and null[0].slice_id.startswith("region=<null>") and slices[0] == null[0]
+    assert null and null[0].slice_id.startswith("region=<null>") and slices[0] is null[0]
     got = {i for d in null for i in slice_ids(engine, d)}
     expected = {i for i in range(3, 121, 3)} - holdout_ids(range(1, 121))
     assert got == expected
@@ -232,16 +242,18 @@ def text_lookup(engine, d: SliceDescriptor, row_id) -> dict | None:
     """The old lookup, as reference: the id's text against CAST(id AS TEXT), scanning."""
     from flows.warehouse import _normalise_row_id
 
-    sql = f"SELECT * FROM ({d.sql}) s WHERE CAST(s.{d.id_column} AS TEXT) = :rid"
+    source, params = slice_source(engine, d)
+    sql = f"SELECT * FROM ({source}) s WHERE CAST(s.{d.id_column} AS TEXT) = :rid"
     with engine.connect() as conn:
-        row = conn.execute(sa.text(sql), {**d.params, "rid": _normalise_row_id(row_id)})
+        row = conn.execute(sa.text(sql), {**params, "rid": _normalise_row_id(row_id)})
         row = row.mappings().first()
     return None if row is None else dict(row)
 
 
 def slice_rows_by_id(engine, d: SliceDescriptor) -> dict:
+    source, params = slice_source(engine, d)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(f"SELECT * FROM ({d.sql}) s"), d.params).mappings()
+        rows = conn.execute(sa.text(f"SELECT * FROM ({source}) s"), params).mappings()
         return {str(r[d.id_column]).strip(): dict(r) for r in rows}
 
 
@@ -286,7 +298,7 @@ def test_fetch_slice_rows_returns_exactly_the_slice_rows(backend_url):
             # a top-up slice: the slice minus rows already labelled
             d = max(slices, key=lambda d: d.row_count)
             done = slice_ids(engine, d)[:10]
-            topup = without_rows(d, [str(i) for i in done], f"{d.slice_id}+topup1", engine)
+            topup = without_rows(d, [str(i) for i in done], f"{d.slice_id}+topup1")
             other = slice_ids(engine, next(o for o in slices if o is not d))[0]
             check_lookups(engine, topup, [*done, other], held)
             assert not fetch_slice_rows(engine, topup, done)
@@ -337,13 +349,10 @@ def test_text_ids(backend_url):
             got = fetch_slice_rows(engine, d, [*members, *others, *held, *JUNK])
             assert sorted(got) == sorted(members)
             assert all(got[k]["id"] == k for k in got)
-        # top-up: typed (text) params, the same rows minus the done ones
+        # top-up: the same rows minus the done ones
         d = slices[0]
         members = slice_ids(engine, d)
-        topup = without_rows(d, members[:3] + [7, "nope"], "t+topup1", engine)
-        done = {k: v for k, v in topup.params.items() if k.startswith("pt_done_")}
-        assert sorted(done.values()) == sorted([*members[:3], "7", "nope"])
-        assert "CAST(pt_base" not in topup.sql
+        topup = without_rows(d, members[:3] + [7, "nope"], "t+topup1")
         assert sorted(slice_ids(engine, topup)) == sorted(members[3:])
         assert topup.row_count == d.row_count - 3
     finally:
@@ -366,7 +375,7 @@ def test_untyped_sqlite_id_column_falls_back_to_text(tmp_path):
     for rid in (members[0], str(members[0]), float(members[0]), f" {members[0]}"):
         assert fetch_slice_row(engine, d, rid)["id"] == members[0]
     assert sorted(fetch_slice_rows(engine, d, [*range(1, 61), "abc"])) == sorted(map(str, members))
-    topup = without_rows(d, [str(m) for m in members[:2]], "t+topup1", engine)
+    topup = without_rows(d, [str(m) for m in members[:2]], "t+topup1")
     assert sorted(slice_ids(engine, topup)) == sorted(members[2:])
 
 
@@ -374,25 +383,27 @@ def test_id_type_is_reflected_once_and_lookups_are_chunked(small_warehouse_url, 
     import flows.warehouse as wh
 
     engine = make_engine(small_warehouse_url)
-    d = plan_slices(make_spec(small_warehouse_url), engine)[0]
+    d = max(plan_slices(make_spec(small_warehouse_url), engine), key=lambda d: d.row_count)
     members = slice_ids(engine, d)
+    assert len(members) > 14
     wh._ID_KINDS.clear()
     inspected = []
     real_inspect = sa.inspect
     monkeypatch.setattr(wh.sa, "inspect", lambda x: inspected.append(x) or real_inspect(x))
     statements = []
     sa.event.listen(engine, "before_cursor_execute",
-                    lambda *a: statements.append(a[2]) if "pt_slice" in a[2] else None)
+                    lambda *a: statements.append(a[2]) if "FROM articles WHERE" in a[2] else None)
     everything = fetch_slice_rows(engine, d, all_ids(engine))
     assert sorted(everything) == sorted(map(str, members))
     fetch_slice_row(engine, d, members[0])
-    without_rows(d, members[:2], "t+topup1", engine)
+    without_rows(d, members[:2], "t+topup1")  # reads the plan's ids, not the warehouse
+    fetch_slice_rows(engine, d, ["abc", 10**30, -5])  # nobody's rows: no query at all
     assert len(inspected) == 1  # one reflection for (url, table, id column)
-    assert len(statements) == 3  # one query per batch of up to LOOKUP_CHUNK ids
+    assert len(statements) == 2  # one query per batch of up to LOOKUP_CHUNK slice ids
     statements.clear()
     monkeypatch.setattr(wh, "LOOKUP_CHUNK", 7)
     assert fetch_slice_rows(engine, d, all_ids(engine)) == everything
-    assert len(statements) == -(-200 // 7)
+    assert len(statements) == -(-len(members) // 7)  # only the slice's ids are looked up
     engine.dispose()
 
 
@@ -405,16 +416,25 @@ def grow_articles(engine, copies: int) -> None:
                                  "FROM articles WHERE id <= 200"), {"off": k * 200})
 
 
+def explain(engine, sql: sa.TextClause, params: dict) -> str:
+    prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    stmt = sa.text(prefix + sql.text).bindparams(*sql._bindparams.values())
+    with engine.connect() as conn:
+        rows = conn.execute(stmt, params).all()
+    return "\n".join(str(r[-1]) for r in rows)
+
+
 def explain_lookup(engine, d: SliceDescriptor, ids: list) -> str:
     """The database's plan for fetch_slice_rows' query (the same SQL, the same params)."""
-    from flows.warehouse import _lookup_query
+    from flows.warehouse import _lookup_sql
 
-    sql, _ = _lookup_query(engine, d)
-    prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-    stmt = sa.text(prefix + sql.text).bindparams(sa.bindparam("pt_row_ids", expanding=True))
-    with engine.connect() as conn:
-        rows = conn.execute(stmt, {**d.params, "pt_row_ids": ids}).all()
-    return "\n".join(str(r[-1]) for r in rows)
+    return explain(engine, _lookup_sql(engine, d), {"pt_row_ids": ids})
+
+
+def explain_source(engine, d: SliceDescriptor) -> str:
+    """The database's plan for reading the slice as its agent's SQL tool does."""
+    sql, params = slice_source(engine, d)
+    return explain(engine, sa.text(sql), params)
 
 
 def assert_index_lookup(engine, plan: str, index: str) -> None:
@@ -428,6 +448,19 @@ def assert_index_lookup(engine, plan: str, index: str) -> None:
         assert any(f"{kind} {index}" in plan for kind in
                    ("Index Scan using", "Index Only Scan using", "Bitmap Index Scan on")), plan
         assert any("Index Cond:" in line and "= ANY" in line for line in plan.splitlines()), plan
+
+
+def assert_index_read(engine, plan: str, table: str, index: str) -> None:
+    """The slice's whole view (its ids bound as a JSON array) is read through the primary key:
+    no line of the plan scans the table."""
+    print(plan)
+    if engine.dialect.name == "sqlite":
+        assert f"SEARCH {table} USING {index}" in plan, plan
+        assert f"SCAN {table}" not in plan, plan
+    else:
+        assert f"Seq Scan on {table}" not in plan, plan
+        assert any(f"{kind} {index}" in plan for kind in
+                   ("Index Scan using", "Index Only Scan using", "Bitmap Index Scan on")), plan
 
 
 def test_lookups_use_the_primary_key_index(backend_url):
@@ -446,11 +479,12 @@ def test_lookups_use_the_primary_key_index(backend_url):
         assert len(all_ids(engine)) == 20000 and any(d.key["parts"] > 1 for d in slices)
         uk = next(d for d in slices if d.key["region"] == "uk" and d.key["part"] == 2)
         members = slice_ids(engine, uk)
-        topup = without_rows(uk, [str(i) for i in members[:300]], "uk#2+topup1", engine)
-        assert "CAST(pt_base" not in topup.sql and topup.row_count == uk.row_count - 300
+        topup = without_rows(uk, [str(i) for i in members[:300]], "uk#2+topup1")
+        assert topup.row_count == uk.row_count - 300
         ids = [*members[295:310], *range(1, 11)]  # 25: done, members, other slices, held out
         for d in (slices[0], uk, hslices[0], topup):
             assert_index_lookup(engine, explain_lookup(engine, d, ids), pk)
+            assert_index_read(engine, explain_source(engine, d), "articles", pk)
             got = fetch_slice_rows(engine, d, ids)
             assert got == {str(r["id"]): r for r in (text_lookup(engine, d, i) for i in ids) if r}
         assert sorted(fetch_slice_rows(engine, topup, ids)) == sorted(map(str, members[300:310]))
@@ -461,11 +495,12 @@ def test_lookups_use_the_primary_key_index(backend_url):
         text_pk = "INDEX sqlite_autoindex_items_1 (id=?)" if lite else "items_pkey"
         for d in items[:2]:
             assert_index_lookup(engine, explain_lookup(engine, d, names), text_pk)
+            assert_index_read(engine, explain_source(engine, d), "items", text_pk)
     finally:
         engine.dispose()
 
 
-def test_without_rows_binds_typed_ids(backend_url):
+def test_without_rows_removes_exactly_the_slice_rows_given(backend_url):
     engine = make_engine(backend_url)
     try:
         slices = plan_slices(make_spec(backend_url), engine)
@@ -475,21 +510,18 @@ def test_without_rows_binds_typed_ids(backend_url):
         held = min(holdout_ids(all_ids(engine)))
         done = [str(members[0]), f" {members[1]} ", float(members[2]), members[3], members[0],
                 str(held), slice_ids(engine, other)[0], "abc", "4.5", True, 10**30]
-        topup = without_rows(d, done, f"{d.slice_id}+topup1", engine)
-        params = {k: v for k, v in topup.params.items() if k.startswith("pt_done_")}
-        assert all(type(v) is int for v in params.values())  # typed, not text
-        assert sorted(params.values()) == sorted({*members[:4], held, slice_ids(engine, other)[0]})
-        assert "CAST(pt_base" not in topup.sql and f"pt_base.{_quote(engine, 'id')} NOT IN" in topup.sql
+        topup = without_rows(d, done, f"{d.slice_id}+topup1")
         assert topup.row_count == d.row_count - 4  # the slice's rows among them, once each
         assert topup.slice_id == f"{d.slice_id}+topup1" and topup.key["topup"] == topup.slice_id
+        assert slice_ids(engine, topup) == members[4:]
         again = SliceDescriptor.model_validate(json.loads(topup.model_dump_json()))
-        assert again == topup  # JSON round trip keeps int params
-        assert sorted(slice_ids(engine, again)) == sorted(members[4:])
-        assert without_rows(d, [], "t", engine).row_count == d.row_count
-        assert sorted(slice_ids(engine, without_rows(d, [], "t", engine))) == sorted(members)
+        assert again == topup and slice_ids(engine, again) == members[4:]  # JSON round trip
+        assert fetch_slice_rows(engine, topup, members[:4]) == {}
+        assert without_rows(d, [], "t").row_count == d.row_count
+        assert slice_ids(engine, without_rows(d, [], "t")) == members
         # a top-up of a top-up
-        second = without_rows(topup, [members[4]], f"{d.slice_id}+topup2", engine)
-        assert sorted(slice_ids(engine, second)) == sorted(members[5:])
+        second = without_rows(topup, [members[4]], f"{d.slice_id}+topup2")
+        assert slice_ids(engine, second) == members[5:]
         assert second.row_count == d.row_count - 5
     finally:
         engine.dispose()
@@ -572,3 +604,45 @@ def test_data_fingerprint_changes_with_rows_added_edited_or_removed(tmp_path):
     with engine.begin() as c:
         c.execute(sa.text("DELETE FROM articles WHERE id = (SELECT max(id) FROM articles)"))
     assert data_fingerprint(spec, engine).startswith("19:")
+
+
+def test_planning_streams_in_batches_into_a_store(small_warehouse_url, tmp_path, monkeypatch):
+    """Planning writes each group's ids in chunks as it reads (memory: one batch), into the
+    example store when given one; the slices read back exactly as a one-batch plan's."""
+    import flows.warehouse as wh
+    from flows.store import Store
+
+    engine = make_engine(small_warehouse_url)
+    for slicing in ({}, {"method": "hash", "buckets": 3, "max_rows_per_slice": 25}):
+        spec = make_spec(small_warehouse_url, **slicing)
+        whole = plan_slices(spec, engine)
+        store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+        writes: list[int] = []
+
+        def counted(plan, chunks, add=store.add_members, writes=writes):
+            writes.append(len(chunks))
+            add(plan, chunks)
+
+        monkeypatch.setattr(store, "add_members", counted)
+        monkeypatch.setattr(wh, "PLAN_BATCH", 7)
+        batched = plan_slices(spec, engine, members=store, plan_id="run-1")
+        monkeypatch.undo()
+        assert len(writes) >= 164 // 7  # one write per batch of 7 rows read
+        assert all(d.members.url == store.url and d.members.plan_id.startswith("run-1/")
+                   for d in batched)
+        assert [(d.slice_id, d.row_count) for d in batched] == \
+               [(d.slice_id, d.row_count) for d in whole]
+        assert [slice_ids(engine, d) for d in batched] == [slice_ids(engine, d) for d in whole]
+        check_partition(engine, spec, batched)
+        store.close()
+    engine.dispose()
+
+
+def test_members_planned_in_another_process_memory_are_a_clear_error(small_warehouse_url):
+    from flows.warehouse import MembersRef
+
+    d = plan_slices(make_spec(small_warehouse_url), make_engine(small_warehouse_url))[0]
+    elsewhere = d.model_copy(update={"members": MembersRef(
+        url="memory:0123", plan_id="p", part="x", lo=0, hi=3)})
+    with pytest.raises(WarehouseError, match="another process's memory"):
+        fetch_slice_rows(make_engine(small_warehouse_url), elsewhere, [1])
