@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.workdir import workdir
 from examples.news_topics.build_warehouse import build
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
@@ -170,12 +170,7 @@ def main() -> None:
     ap.add_argument("--only", default="drift,bias,memory,misuse")
     ap.add_argument("--keep", help="keep the run folders here (default: a temp folder)")
     args = ap.parse_args()
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-        os.environ.setdefault(k, v)
-    tmp = Path(args.keep or tempfile.mkdtemp(prefix="posttrain-failures-")).resolve()
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = workdir(args.keep, "posttrain-failures-")
     os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
     warehouse = build(tmp / "warehouse.db")
     figures: dict = {}

@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.failure_modes import accepted_accuracy, base_spec, run, teacher_log
 from bench.warehouses import scaled_warehouse
+from bench.workdir import workdir
 
 STEP_AFTER = 200
 
@@ -139,12 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     rows, buckets = args.rows, args.buckets
     seeds = args.seeds or (1 if args.quick else 4)
-    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-        os.environ.setdefault(k, v)
-    tmp = Path(args.keep or tempfile.mkdtemp(prefix="posttrain-robustness-")).resolve()
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = workdir(args.keep, "posttrain-robustness-")
     os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
     warehouse = scaled_warehouse(tmp / "warehouse.db", rows)
     figures: dict = {"rows": rows, "buckets": buckets}
