@@ -141,6 +141,21 @@ def test_failure_reason_skips_the_launcher_traceback():
         "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.",
     ]
     assert failure_reason(tail) == "ValueError: train_file does not exist"
+    # accelerate 1.16 chains the CalledProcessError to a RuntimeError echoing the script's
+    # stderr tail: one line ...
+    chained = ["ValueError: train_file does not exist",
+               "RuntimeError: ValueError: train_file does not exist", "", "",
+               "The above exception was the direct cause of the following exception:", "",
+               *tail[1:]]
+    assert failure_reason(chained) == "ValueError: train_file does not exist"
+    # ... or several, the script's own last line last
+    chained = ["Traceback (most recent call last):", '  File "training/sft.py", line 9',
+               "ValueError: train_file does not exist",
+               "RuntimeError: Traceback (most recent call last):",
+               '  File "training/sft.py", line 9', "ValueError: train_file does not exist",
+               "", "The above exception was the direct cause of the following exception:", "",
+               *tail[1:]]
+    assert failure_reason(chained) == "ValueError: train_file does not exist"
     assert parse_progress('[progress] {"step": 2, "loss": 1.5}') == {"step": 2, "loss": 1.5}
     assert parse_progress("{'loss': 1.5}") is None
 

@@ -59,8 +59,15 @@ class TrainingFailed(RuntimeError):
         )
 
 
+_CHAIN_LINES = ("The above exception was the direct cause of the following exception:",
+                "During handling of the above exception, another exception occurred:")
+_ECHO = "RuntimeError: "  # accelerate >= 1.16: its CalledProcessError is chained to a
+#                           RuntimeError holding the tail of the script's stderr, printed again
+
+
 def failure_reason(tail: list[str]) -> str:
-    """The script's last non-empty line before accelerate's CalledProcessError traceback."""
+    """The script's last non-empty line before accelerate's CalledProcessError traceback (and
+    before the copy of the script's stderr that newer accelerate chains to it)."""
     lines = list(tail)
     for i in range(len(lines) - 1, -1, -1):
         if (
@@ -70,7 +77,10 @@ def failure_reason(tail: list[str]) -> str:
         ):
             lines = lines[:i]
             break
-    return next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+    text = [line.strip() for line in lines if line.strip() and line.strip() not in _CHAIN_LINES]
+    if len(text) > 1 and text[-1].startswith(_ECHO) and text[-1][len(_ECHO):] == text[-2]:
+        text.pop()  # the one-line echo; a longer echo ends with the script's own last line
+    return text[-1] if text else "no output"
 
 
 class ProfileUnavailable(TrainingFailed):
