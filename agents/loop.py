@@ -1,10 +1,11 @@
 """The agent loop: one sub-agent labels one slice, through any provider, kept on spec.
 
-    memory   = pinned: the skill + the task (system), the <slice> block (user); then turns
+    memory   = pinned (agent_prompt.py): the skill + the task (system), the <slice> block (user);
+               then turns
     repeat up to max_turns:
         gateway.acomplete(memory.messages(), tools)     cache → budget → rate limit → provider
         no tool calls:   rows left? nudge (max_nudges) : stop "completed"
-        each tool call:  arguments validated (pydantic; a JSON object in a ```json fence is
+        each tool call:  arguments validated (agent_tools.py; a JSON object in a ```json fence is
                          taken as the object); misuse goes back as a tool error
             sql              → SQLTool.run (guarded, read-only, scoped to the slice)
             submit_examples  → Gate (one row lookup per batch) → Judge (a sample; every
@@ -37,181 +38,32 @@ the awaits. `run_agent` runs it on an event loop of its own, for callers that ar
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel
 
-from agents.drift import DriftPolicy
-from agents.gates import (
-    COPY_OF_EVAL_ROW,
-    INVALID_SCHEMA,
-    LABEL_NOT_IN_SET,
-    Gate,
-    GateResult,
-    one_by_one,
-    row_key,
+from agents.agent_prompt import build_messages
+from agents.agent_tools import SqlArgs, SubmitArgs, parse_arguments, tool_specs
+from agents.agent_types import (
+    DRIFT_SIGNALS,
+    JUDGE_DISAGREED,
+    REFUSED,
+    AgentConfig,
+    AgentResult,
 )
+from agents.drift import DriftPolicy
+from agents.gates import Gate, GateResult, one_by_one, row_key
 from agents.gateway import BudgetExceeded, LLMGateway
 from agents.judge import Judge, should_sample
 from agents.memory import AgentMemory
 from agents.providers import Completion, ProviderError, run_on_own_loop
 from agents.skills import Skill
 from agents.sql_tool import SQLRejected, SQLTool
-
-MAX_SUBMIT = 100
-_FENCE = re.compile(r"\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*", re.DOTALL | re.IGNORECASE)
-JUDGE_DISAGREED = "judge_disagreed"
-# What counts as the agent straying from the spec. A duplicate, a row outside the slice or a
-# copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm; nor
-# does a label accepted after fixing its case (the gate normalises it).
-DRIFT_SIGNALS = {LABEL_NOT_IN_SET, INVALID_SCHEMA, JUDGE_DISAGREED}
-# Rows an agent did submit, which the gate or the judge would not take: not the agent's gap.
-REFUSED = {COPY_OF_EVAL_ROW, JUDGE_DISAGREED}
-
-
-@dataclass
-class AgentConfig:
-    model: str
-    temperature: float = 0.2
-    max_tokens: int = 4096
-    max_turns: int = 60
-    memory_budget_tokens: int = 16000
-    judge_sample_rate: float = 0.2
-    max_nudges: int = 2
-    seed: int = 0
-
-
-@dataclass
-class AgentResult:
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    revoked: int = 0
-    labels_normalised: int = 0  # accepted after the gate fixed the label's case/whitespace
-    arguments_unfenced: int = 0  # tool arguments taken out of a markdown code fence
-    calls: int = 0
-    tool_errors: int = 0
-    misuse: dict[str, int] = field(default_factory=dict)  # tool misuse by kind
-    judged: int = 0
-    reanchors: int = 0
-    drift_alarm_call: int | None = None   # this agent's call count at the first alarm
-    drift_alarm_time: float | None = None  # and the wall-clock time (time.time())
-    drift_baseline: float | None = None  # the early bad rate the drift test measured against
-    max_context_tokens: int = 0
-    pruned_turns: int = 0
-    stopped_reason: str = ""
-    transcript: list[dict] = field(default_factory=list)  # what happened, unpruned
-
-
-# ── tools: what the model sees, and how its arguments are validated ────────────────────────
-class SqlArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: StrictStr
-
-
-class SubmitArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    examples: list[Any] = Field(min_length=1, max_length=MAX_SUBMIT)  # items: the gate's job
-
-
-def tool_specs(table: str, labels: list[str]) -> list[dict]:
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": "sql",
-                "description": f"Run one read-only SELECT over table {table!r} (your slice "
-                "only). Returns {rows, row_count, truncated}.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"query": {"type": "string", "description": "One SELECT."}},
-                    "required": ["query"],
-                    "additionalProperties": False,
-                },
-            },
-        },
-        {
-            "type": "function",
-            "function": {
-                "name": "submit_examples",
-                "description": f"Submit labelled rows (at most {MAX_SUBMIT} per call). Returns "
-                "{accepted, rejected: [{row_id, reason, message}]}.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {
-                        "examples": {
-                            "type": "array",
-                            "maxItems": MAX_SUBMIT,
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "row_id": {"type": ["string", "integer"]},
-                                    "label": {"type": "string", "enum": list(labels)},
-                                },
-                                "required": ["row_id", "label"],
-                                "additionalProperties": False,
-                            },
-                        }
-                    },
-                    "required": ["examples"],
-                    "additionalProperties": False,
-                },
-            },
-        },
-    ]
-
-
-# ── the opening (pinned) messages ──────────────────────────────────────────────────────────
-def build_messages(skill: Skill, task: dict, sql_tool: SQLTool) -> list[dict]:
-    """System prompt (skill + pinned task) and the first user message with the <slice>."""
-    required = ("description", "labels", "slice_id", "rows", "page_size")
-    missing = [k for k in required if k not in task]
-    if missing:
-        raise ValueError(f"task is missing {', '.join(missing)}")
-    scoped = sql_tool.scoped
-    system = (
-        f"{skill.instructions}\n\n## Your task (pinned)\n{task['description']}\n"
-        f"Labels (use exactly one of these per row): {', '.join(task['labels'])}"
-    )
-    block = {
-        "slice_id": task["slice_id"],
-        "table": scoped.name,
-        "columns": list(scoped.columns),
-        "id_column": scoped.id_column,
-        "rows": task["rows"],
-        "labels": list(task["labels"]),
-        "page_size": task["page_size"],
-    }
-    if task.get("want_labels"):  # a targeted top-up: only rows of these labels are wanted
-        block["want_labels"] = list(task["want_labels"])
-    user = (
-        f"Label every row of your slice, following the skill.\n<slice>\n"
-        f"{json.dumps(block)}\n</slice>"
-    )
-    if task.get("want_labels"):
-        user = (f"Top-up: submit only rows whose label is one of "
-                f"{', '.join(task['want_labels'])}; skip the others.\n<slice>\n"
-                f"{json.dumps(block)}\n</slice>")
-    if task.get("previous"):  # a fresh agent over the rows a stopped or failed one left
-        user = (f"An earlier agent on this slice did not finish ({task['previous']}). "
-                f"Your slice holds only the rows it left unlabelled.\n{user}")
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-
-def request_hash(model: str, messages: list[dict], tools: list[dict], params: dict) -> str:
-    """sha256 of the canonical JSON of everything that determines a reply."""
-    blob = json.dumps(
-        {"model": model, "messages": messages, "tools": tools, "params": params},
-        sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # ── the loop ───────────────────────────────────────────────────────────────────────────────
@@ -426,21 +278,9 @@ class _Agent:
             self.on_examples(events)
 
     def parse(self, arguments: str | None, model: type[BaseModel]):
-        text = arguments or ""
-        fenced = _FENCE.fullmatch(text)
-        if fenced:  # a hosted-model habit: the JSON object inside a markdown code fence
-            text = fenced.group(1)
-            self.result.arguments_unfenced += 1
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            return self.misuse("invalid_arguments", f"arguments are not valid JSON: {e}")
-        try:
-            return model.model_validate(raw)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}"
-                                 for err in e.errors())
-            return self.misuse("invalid_arguments", problems)
+        args, unfenced = parse_arguments(arguments, model)
+        self.result.arguments_unfenced += unfenced
+        return self.misuse("invalid_arguments", args) if isinstance(args, str) else args
 
     def misuse(self, kind: str, message: str) -> dict:
         self.result.tool_errors += 1

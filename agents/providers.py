@@ -1,11 +1,19 @@
-"""LLM providers on the official SDKs: one neutral, OpenAI-chat-shaped message format in,
-one `Completion` out (docs/agent-runtime.md, "Provider").
+"""What every LLM provider shares: one neutral, OpenAI-chat-shaped message format in, one
+`Completion` out (docs/agent-runtime.md, "Provider").
 
-`OpenAIProvider` speaks chat.completions (OpenAI, MiniMax, vLLM, Ollama, posttrain's simulated
-teacher); `AnthropicProvider` speaks the Messages API (Claude, MiniMax's /anthropic). Clients are
-built with `max_retries=0`: the gateway retries, so the rate limiter sees every 429/529. Every
-SDK or transport failure leaves here as a `ProviderError` with a kind and, where the server
-said so, `retry_after` in seconds.
+The providers: `OpenAIProvider` (agents/openai_provider.py) speaks chat.completions (OpenAI,
+MiniMax, vLLM, Ollama, posttrain's simulated teacher); `AnthropicProvider`
+(agents/anthropic_provider.py) speaks the Messages API (Claude, MiniMax's /anthropic);
+`make_provider` (agents/provider_factory.py) makes either. Clients are built with
+`max_retries=0`: the gateway retries, so the rate limiter sees every 429/529. Every SDK or
+transport failure leaves a provider as a `ProviderError` with a kind and, where the server said
+so, `retry_after` in seconds.
+
+This module holds what they share: `ToolCall`, `Completion`, `ProviderError` and the
+`Provider` protocol; the mapping of SDK, transport and decoding failures to a `ProviderError`
+(`to_provider_error`, `provider_errors`); the async SDK clients, one per event loop
+(`PerLoopClient`, `close_async_clients`, `run_on_own_loop`); and the parsing of
+structured-output replies (`parse_json_reply`).
 
 Each provider has a blocking face (`complete`, `complete_json`: the SDK's sync client) and an
 async one (`acomplete`, `acomplete_json`: the SDK's async client on the aiohttp transport,
@@ -192,7 +200,7 @@ _CAUGHT = (openai.OpenAIError, anthropic.AnthropicError, httpx2.HTTPError, Value
 
 
 @contextmanager
-def _provider_errors(*more: type[Exception]) -> Iterator[None]:
+def provider_errors(*more: type[Exception]) -> Iterator[None]:
     """Whatever the SDK, the transport or the reply's decoding raises leaves as a
     ProviderError (the same for the sync and the async calls)."""
     try:
@@ -208,7 +216,7 @@ _LOOP_LOCK = threading.Lock()
 _HOLDER_IDS = itertools.count()
 
 
-class _PerLoop:
+class PerLoopClient:
     """A provider's async SDK client for the running event loop, made on first use there.
 
     The thread and Dask runners give each agent its own loop (`run_agent` is `asyncio.run`
@@ -271,289 +279,6 @@ def parse_json_reply(completion: Completion) -> dict:
     return data
 
 
-# ── OpenAI chat.completions ───────────────────────────────────────────────────────────────
-class OpenAIProvider:
-    api = "openai"
-    _ERRORS = (AttributeError, TypeError, KeyError, IndexError)
-
-    def __init__(self, *, base_url: str | None, api_key: str, timeout: float = 60.0,
-                 http_client: httpx2.Client | None = None,
-                 async_http_client: httpx2.AsyncClient | None = None) -> None:
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
-                                    max_retries=0, http_client=http_client)
-        self._async = _PerLoop(lambda: openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0,
-            http_client=async_http_client or openai.DefaultAioHttpClient()),
-            owned=async_http_client is None)
-        self.endpoint = str(self.client.base_url)
-        # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens
-        own = "api.openai.com" in self.endpoint
-        self._max_key = "max_completion_tokens" if own else "max_tokens"
-
-    def _request(self, model, messages, temperature, max_tokens, tools=None, **extra) -> dict:
-        # The conversation travels in extra_body (merged into the JSON body as it is):
-        # create() would first walk every message through the SDK's typed-dict transform, an
-        # identity for these plain dicts that cost 3.3 ms of CPU for a 20-message (43 KB)
-        # conversation, where encoding it costs 0.09 ms. The request sent is the same.
-        kwargs: dict[str, Any] = {"model": model, "messages": [],
-                                  "extra_body": {"messages": messages}, **extra}
-        if tools:
-            kwargs["tools"] = tools
-        if temperature is not None:
-            kwargs["temperature"] = temperature
-        if max_tokens:
-            kwargs[self._max_key] = max_tokens
-        return kwargs
-
-    def _create(self, kwargs: dict, model: str) -> Completion:
-        with _provider_errors(*self._ERRORS):
-            return _openai_completion(self.client.chat.completions.create(**kwargs), model)
-
-    async def _acreate(self, kwargs: dict, model: str) -> Completion:
-        with _provider_errors(*self._ERRORS):
-            response = await self._async.get().chat.completions.create(**kwargs)
-            return _openai_completion(response, model)
-
-    def complete(self, *, model, messages, tools=None, temperature=None,
-                 max_tokens=None) -> Completion:
-        return self._create(self._request(model, messages, temperature, max_tokens, tools), model)
-
-    async def acomplete(self, *, model, messages, tools=None, temperature=None,
-                        max_tokens=None) -> Completion:
-        return await self._acreate(
-            self._request(model, messages, temperature, max_tokens, tools), model)
-
-    def _json_request(self, model, messages, schema, schema_name, temperature,
-                      max_tokens) -> dict:
-        fmt = {"type": "json_schema",
-               "json_schema": {"name": schema_name, "schema": schema, "strict": True}}
-        return self._request(model, messages, temperature, max_tokens, response_format=fmt)
-
-    def complete_json(self, *, model, messages, schema, schema_name, temperature=None,
-                      max_tokens=None) -> tuple[dict, Completion]:
-        completion = self._create(self._json_request(
-            model, messages, schema, schema_name, temperature, max_tokens), model)
-        return parse_json_reply(completion), completion
-
-    async def acomplete_json(self, *, model, messages, schema, schema_name, temperature=None,
-                             max_tokens=None) -> tuple[dict, Completion]:
-        completion = await self._acreate(self._json_request(
-            model, messages, schema, schema_name, temperature, max_tokens), model)
-        return parse_json_reply(completion), completion
-
-
-def _openai_completion(response: Any, model: str) -> Completion:
-    if isinstance(response, str) or not response.choices:
-        raise ProviderError("malformed", "the response has no choices")
-    choice = response.choices[0]
-    message = choice.message
-    calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "")
-             for c in message.tool_calls or [] if getattr(c, "function", None) is not None]
-    usage = response.usage
-    details = getattr(usage, "prompt_tokens_details", None)
-    cache_read = (getattr(details, "cached_tokens", None) or 0) if details else 0
-    cache_write = (getattr(details, "cache_write_tokens", None) or 0) if details else 0
-    prompt = usage.prompt_tokens if usage else 0
-    if message.refusal and not message.content:
-        stop = "content_filter"
-    else:
-        stop = choice.finish_reason or ("tool_calls" if calls else "stop")
-    return Completion(
-        text=message.content, tool_calls=calls, stop_reason=stop,
-        model=response.model or model,
-        input_tokens=max(0, prompt - cache_read - cache_write),
-        output_tokens=usage.completion_tokens if usage else 0,
-        cache_read_tokens=cache_read, cache_write_tokens=cache_write,
-    )
-
-
-# ── Anthropic Messages ─────────────────────────────────────────────────────────────────────
-_ANTHROPIC_STOPS = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls",
-                    "max_tokens": "length", "refusal": "content_filter"}
-
-
-def to_anthropic(messages: list[dict], tools: list[dict] | None = None):
-    """(system, messages, tools) in Messages-API form from the neutral format."""
-    system: list[str] = []
-    out: list[dict] = []
-    for m in messages:
-        role = m["role"]
-        if role == "system":
-            system.append(m.get("content") or "")
-        elif role == "tool":
-            block = {"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                     "content": m.get("content") or ""}
-            last = out[-1] if out else None
-            if last and last["role"] == "user" and isinstance(last["content"], list) and all(
-                b.get("type") == "tool_result" for b in last["content"]
-            ):
-                last["content"].append(block)
-            else:
-                out.append({"role": "user", "content": [block]})
-        elif role == "assistant" and not m.get("content") and not m.get("tool_calls"):
-            continue  # the API refuses empty turns; neighbouring user turns are merged
-        elif role == "assistant" and m.get("tool_calls"):
-            blocks: list[dict] = [{"type": "text", "text": m["content"]}] if m.get("content") else []
-            for call in m["tool_calls"]:
-                fn = call["function"]
-                blocks.append({"type": "tool_use", "id": call["id"], "name": fn["name"],
-                               "input": _tool_input(fn.get("arguments"))})
-            out.append({"role": "assistant", "content": blocks})
-        else:
-            out.append({"role": role, "content": m.get("content") or ""})
-    wire_tools = [_anthropic_tool(t) for t in tools or []]
-    return ("\n\n".join(system) or None), out, wire_tools
-
-
-def _tool_input(arguments: str | None) -> dict:
-    try:
-        value = json.loads(arguments or "{}")
-    except json.JSONDecodeError:
-        return {"_raw": arguments}
-    return value if isinstance(value, dict) else {"_raw": arguments}
-
-
-def _anthropic_tool(tool: dict) -> dict:
-    fn = tool.get("function", tool)
-    wire = {"name": fn["name"],
-            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
-    if fn.get("description"):
-        wire["description"] = fn["description"]
-    return wire
-
-
-class AnthropicProvider:
-    api = "anthropic"
-    _ERRORS = (AttributeError, TypeError, KeyError, AssertionError)
-
-    def __init__(self, *, base_url: str | None, api_key: str, timeout: float = 60.0,
-                 stream: bool = False, http_client: httpx2.Client | None = None,
-                 async_http_client: httpx2.AsyncClient | None = None) -> None:
-        self.client = anthropic.Anthropic(base_url=base_url, api_key=api_key, timeout=timeout,
-                                          max_retries=0, http_client=http_client)
-        self._async = _PerLoop(lambda: anthropic.AsyncAnthropic(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0,
-            http_client=async_http_client or anthropic.DefaultAioHttpClient()),
-            owned=async_http_client is None)
-        self.endpoint = str(self.client.base_url)
-        self.stream = stream
-
-    @staticmethod
-    def _request(model, messages, tools, temperature, max_tokens, **extra) -> dict:
-        system, wire, wire_tools = to_anthropic(messages, tools)
-        kwargs: dict[str, Any] = {"model": model, "messages": wire,
-                                  "max_tokens": max_tokens or 4096, **extra}
-        if system:
-            kwargs["system"] = system
-        if wire_tools:
-            kwargs["tools"] = wire_tools
-        if temperature is not None:  # not a named parameter of anthropic 2.x's create()
-            kwargs["extra_body"] = {"temperature": temperature}
-        return kwargs
-
-    def _create(self, kwargs: dict, model: str) -> Completion:
-        with _provider_errors(*self._ERRORS):
-            if self.stream:
-                with self.client.messages.stream(**kwargs) as stream:
-                    message = _streamed(stream.get_final_message())
-            else:
-                message = self.client.messages.create(**kwargs)
-            return _anthropic_completion(message, model)
-
-    async def _acreate(self, kwargs: dict, model: str) -> Completion:
-        client = self._async.get()
-        with _provider_errors(*self._ERRORS):
-            if self.stream:
-                async with client.messages.stream(**kwargs) as stream:
-                    message = _streamed(await stream.get_final_message())
-            else:
-                message = await client.messages.create(**kwargs)
-            return _anthropic_completion(message, model)
-
-    def complete(self, *, model, messages, tools=None, temperature=None,
-                 max_tokens=None) -> Completion:
-        return self._create(self._request(model, messages, tools, temperature, max_tokens),
-                            model)
-
-    async def acomplete(self, *, model, messages, tools=None, temperature=None,
-                        max_tokens=None) -> Completion:
-        return await self._acreate(
-            self._request(model, messages, tools, temperature, max_tokens), model)
-
-    def _json_request(self, model, messages, schema, temperature, max_tokens) -> dict:
-        # the Messages API's json_schema format has no name
-        config = {"format": {"type": "json_schema", "schema": schema}}
-        return self._request(model, messages, None, temperature, max_tokens,
-                             output_config=config)
-
-    def complete_json(self, *, model, messages, schema, schema_name, temperature=None,
-                      max_tokens=None) -> tuple[dict, Completion]:
-        del schema_name
-        completion = self._create(
-            self._json_request(model, messages, schema, temperature, max_tokens), model)
-        return parse_json_reply(completion), completion
-
-    async def acomplete_json(self, *, model, messages, schema, schema_name, temperature=None,
-                             max_tokens=None) -> tuple[dict, Completion]:
-        del schema_name
-        completion = await self._acreate(
-            self._json_request(model, messages, schema, temperature, max_tokens), model)
-        return parse_json_reply(completion), completion
-
-
-def _streamed(message: Any) -> Any:
-    """The streamed message, or a connection error when the stream ended before it did."""
-    if message.stop_reason is None:
-        raise ProviderError("connection", "the stream ended before the message")
-    return message
-
-
-def _anthropic_completion(message: Any, model: str) -> Completion:
-    if isinstance(message, str):
-        raise ProviderError("malformed", "the response is not a message")
-    texts, calls = [], []
-    for block in message.content:
-        if block.type == "text":
-            texts.append(block.text)
-        elif block.type == "tool_use":
-            calls.append(ToolCall(id=block.id, name=block.name, arguments=json.dumps(block.input)))
-    usage = message.usage
-    stop = message.stop_reason or ("tool_calls" if calls else "stop")
-    return Completion(
-        text="".join(texts) if texts else None, tool_calls=calls,
-        stop_reason=_ANTHROPIC_STOPS.get(stop, stop), model=message.model or model,
-        input_tokens=usage.input_tokens or 0, output_tokens=usage.output_tokens or 0,
-        cache_read_tokens=usage.cache_read_input_tokens or 0,
-        cache_write_tokens=usage.cache_creation_input_tokens or 0,
-    )
-
-
-# ── factories ──────────────────────────────────────────────────────────────────────────────
-def make_provider(api: str, *, base_url: str | None, api_key: str, timeout: float = 60.0,
-                  stream: bool = False, http_client: httpx2.Client | None = None,
-                  async_http_client: httpx2.AsyncClient | None = None) -> Provider:
-    """A provider for `api` ("openai" | "anthropic"). `stream` applies to Anthropic (long
-    generations stream, then `get_final_message()`); `http_client` (the sync calls) and
-    `async_http_client` (the async ones; default: aiohttp, one per event loop) are for tests."""
-    clients = {"http_client": http_client, "async_http_client": async_http_client}
-    if api == "openai":
-        return OpenAIProvider(base_url=base_url, api_key=api_key, timeout=timeout, **clients)
-    if api == "anthropic":
-        return AnthropicProvider(base_url=base_url, api_key=api_key, timeout=timeout,
-                                 stream=stream, **clients)
-    raise ValueError(f"unknown api {api!r}: use 'openai' or 'anthropic'")
-
-
-def make_openai_client(
-    base_url: str | None, api_key: str, timeout: float = 60, max_retries: int = 2
-) -> openai.OpenAI:
-    """An `openai.OpenAI` client; `base_url` includes `/v1` (None: OpenAI's own). Kept for
-    agents/loop.py until it moves onto `make_provider` + the gateway."""
-    return openai.OpenAI(
-        base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
-    )
-
-
-__all__ = ["AnthropicProvider", "Completion", "OpenAIProvider", "Provider", "ProviderError",
-           "ToolCall", "close_async_clients", "make_openai_client", "make_provider",
+__all__ = ["Completion", "PerLoopClient", "Provider", "ProviderError", "ToolCall",
+           "close_async_clients", "parse_json_reply", "provider_errors", "retry_after_seconds",
            "run_on_own_loop", "to_provider_error"]

@@ -23,17 +23,12 @@ layers stand between it and the warehouse; either alone should hold:
    no attached databases and a deadline; PostgreSQL runs it in a READ ONLY transaction as
    a role that may SELECT only the allowed columns, under a statement timeout.
 
-Functions are an allow-list, not a deny-list: the dangerous ones differ per dialect and
-per installed extension and keep growing (PostgreSQL's `query_to_xml`, `ts_stat` and
-`table_to_xml` run SQL given as text; `set_config('role', ...)` switches role;
-`pg_read_file`, `lo_export`, `dblink*`; SQLite's `load_extension`, `readfile`,
-`writefile`, `fts3_tokenizer`), and a deny-list fails open on the one nobody listed. The
-allow-list is ordinary scalar, aggregate and window functions; string functions that can
-build huge values (`printf`, `format`, `repeat`, `lpad`, `rpad`, `zeroblob`,
-`randomblob`) and regular expressions are left out.
-
 `SELECT *` is allowed: the tool points the agent's table name at a view of its slice that
 has only the allowed columns, so `*` can never reach the gold column.
+
+The allow- and deny-lists, the limits and the refusal codes (`CODES`) live in
+`agents.sql_allowlist`, with why functions are an allow-list, not a deny-list; this module
+is the parse, the walk over the tree and the LIMIT.
 """
 
 from __future__ import annotations
@@ -44,9 +39,22 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
+from agents.sql_allowlist import (
+    ALLOWED_FUNCTIONS,
+    ANONYMOUS_FUNCTIONS,
+    BIND_PREFIXES,
+    CONTROL_CHARS,
+    FORBIDDEN,
+    FUNCTION_NODES,
+    INTERNAL_PREFIX,
+    MAX_SQL_CHARS,
+    MAX_TABLE_REFERENCES,
+    QUERY_ROOTS,
+    STRUCTURE,
+    VAR_PARENTS,
+)
+
 __all__ = [
-    "ALLOWED_FUNCTIONS",
-    "CODES",
     "SQLRejected",
     "check",
     "check_tree",
@@ -56,109 +64,13 @@ __all__ = [
     "sqlglot_dialect",
 ]
 
-MAX_SQL_CHARS = 20_000
-MAX_TABLE_REFERENCES = 8
-INTERNAL_PREFIX = "_pt_"  # names the tool uses for its own CTEs; agents may not use them
-
-# Every reason a query can be refused, with what it means. `SQLRejected.code` is one key.
-CODES = {
-    "empty": "no SQL was sent",
-    "too_long": f"the SQL is longer than {MAX_SQL_CHARS} characters",
-    "parse_error": "the SQL does not parse in the warehouse's dialect",
-    "multiple_statements": "more than one statement",
-    "not_select": "the statement is not a query (SELECT / UNION / INTERSECT / EXCEPT)",
-    "forbidden": "a write, DDL, command, SELECT INTO, lock, SET, PRAGMA or ATTACH in the tree",
-    "recursive_cte": "a recursive CTE",
-    "bind_parameter": "a bind parameter",
-    "function": "a function outside the allow-list",
-    "table_function": "a table-valued function or UNNEST/LATERAL in FROM",
-    "table": "a table that is not allow-listed",
-    "qualified_name": "a schema- or database-qualified name, or an unknown qualifier",
-    "column": "a column that is not allow-listed",
-    "cte_name": "a CTE named like an allowed table or the tool's internal names",
-    "cross_join": "a join without ON/USING",
-    "too_many_tables": f"more than {MAX_TABLE_REFERENCES} table references",
-    "construct": "syntax outside the read-only allow-list",
-    "timeout": "the query ran past the time limit (raised by the tool, not by check)",
-}
-
 # SQLAlchemy dialect name -> sqlglot dialect name, where they differ.
 _SA_TO_SQLGLOT = {"postgresql": "postgres", "mssql": "tsql"}
 
-# Statements and clauses that are never allowed anywhere in a query.
-_FORBIDDEN = (
-    exp.DML, exp.DDL, exp.Command, exp.Into, exp.Lock, exp.Set, exp.Pragma, exp.Attach,
-    exp.Detach, exp.Drop, exp.Alter, exp.TruncateTable, exp.Transaction, exp.Commit,
-    exp.Rollback, exp.Use, exp.Grant, exp.Analyze, exp.Describe, exp.Copy, exp.Merge,
-    exp.Insert, exp.Update, exp.Delete, exp.Create,
-)
-_QUERY_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except)
-
-# Non-function nodes a read-only query is made of.
-_STRUCTURE = (
-    exp.Select, exp.Union, exp.Intersect, exp.Except, exp.From, exp.Join, exp.Where,
-    exp.Group, exp.Having, exp.Order, exp.Ordered, exp.Limit, exp.Offset, exp.With, exp.CTE,
-    exp.Subquery, exp.Table, exp.TableAlias, exp.Alias, exp.Column, exp.Identifier, exp.Star,
-    exp.Literal, exp.Boolean, exp.Null, exp.Paren, exp.Tuple, exp.Distinct, exp.Window,
-    exp.WindowSpec, exp.DataType, exp.DataTypeParam, exp.Interval, exp.Neg, exp.Not,
-    exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ,
-    exp.Is, exp.In, exp.Between, exp.Like, exp.ILike, exp.Glob, exp.Escape, exp.Collate,
-    exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.DPipe, exp.BitwiseAnd, exp.BitwiseOr,
-    exp.BitwiseXor, exp.BitwiseNot, exp.BitwiseLeftShift, exp.BitwiseRightShift,
-    exp.And, exp.Or, exp.Exists, exp.Any, exp.All, exp.Case, exp.If, exp.Cast, exp.TryCast,
-)
-# `Var` is a bare word the generator writes out verbatim: only where it names a unit,
-# type or collation (EXTRACT(YEAR FROM ...), INTERVAL '1' DAY, COLLATE NOCASE).
-_VAR_PARENTS = (
-    exp.Extract, exp.Interval, exp.DataType, exp.DataTypeParam, exp.Collate, exp.DateTrunc,
-    exp.TimestampTrunc,
-)
-
-# Typed sqlglot function nodes that are allowed: the generator writes each as the
-# dialect's own ordinary function, so allowing the node allows exactly that function.
-_FUNCTION_NODES = {
-    # aggregates
-    exp.Count: "count", exp.Sum: "sum", exp.Avg: "avg", exp.Min: "min", exp.Max: "max",
-    exp.GroupConcat: "group_concat / string_agg", exp.Stddev: "stddev",
-    exp.StddevPop: "stddev_pop", exp.StddevSamp: "stddev_samp", exp.Variance: "variance",
-    exp.VariancePop: "var_pop",
-    # strings
-    exp.Lower: "lower", exp.Upper: "upper", exp.Length: "length", exp.Substring: "substr",
-    exp.Trim: "trim / ltrim / rtrim", exp.Replace: "replace", exp.StrPosition: "instr",
-    exp.Concat: "concat", exp.ConcatWs: "concat_ws", exp.Left: "left", exp.Right: "right",
-    exp.Initcap: "initcap", exp.Unicode: "unicode", exp.Chr: "char", exp.Hex: "hex",
-    exp.SplitPart: "split_part",
-    # null handling and types
-    exp.Coalesce: "coalesce / ifnull", exp.Nullif: "nullif", exp.Greatest: "greatest",
-    exp.Least: "least", exp.Typeof: "typeof",
-    # numbers
-    exp.Round: "round", exp.Abs: "abs", exp.Floor: "floor", exp.Ceil: "ceil",
-    exp.Sign: "sign", exp.Sqrt: "sqrt", exp.Pow: "power", exp.Ln: "ln", exp.Log: "log",
-    exp.Exp: "exp",
-    # dates
-    exp.Date: "date", exp.TimeToStr: "strftime / to_char", exp.StrToTime: "strptime",
-    exp.TsOrDsToDate: "date", exp.TsOrDsToTimestamp: "date", exp.Extract: "extract",
-    exp.DateTrunc: "date_trunc", exp.TimestampTrunc: "date_trunc", exp.CurrentDate: "current_date",
-    exp.CurrentTimestamp: "current_timestamp",
-    # window functions
-    exp.RowNumber: "row_number", exp.Rank: "rank", exp.DenseRank: "dense_rank",
-    exp.Ntile: "ntile", exp.Lag: "lag", exp.Lead: "lead", exp.FirstValue: "first_value",
-    exp.LastValue: "last_value", exp.NthValue: "nth_value", exp.PercentRank: "percent_rank",
-    exp.CumeDist: "cume_dist",
-}
-# Functions sqlglot has no node for (it parses them as `Anonymous`), allowed by name.
-_ANONYMOUS_FUNCTIONS = {
-    "total", "ifnull", "julianday", "datetime", "time", "unixepoch", "strftime",
-    "date_part", "btrim", "char_length", "character_length", "octet_length",
-}
-ALLOWED_FUNCTIONS = sorted({*_FUNCTION_NODES.values(), *_ANONYMOUS_FUNCTIONS})
-_BIND_PREFIXES = ("$", ":", "@", "?")
-# NUL and other C0/C1 controls (tab, newlines, form feed and vertical tab are whitespace)
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
-
 
 class SQLRejected(Exception):
-    """The agent's SQL was refused. `reason` says what to change; `code` is a key of CODES."""
+    """The agent's SQL was refused. `reason` says what to change; `code` is a key of
+    `agents.sql_allowlist.CODES`."""
 
     def __init__(self, reason: str, code: str = "construct"):
         super().__init__(reason)
@@ -188,7 +100,7 @@ def _parse_one(sql: str, dialect: str | None) -> exp.Expression:
         raise SQLRejected(
             f"the query is {len(sql)} characters; keep it under {MAX_SQL_CHARS}", "too_long"
         )
-    bad = _CONTROL.search(sql)
+    bad = CONTROL_CHARS.search(sql)
     if bad:
         raise SQLRejected(
             f"the query contains the control character {bad.group()!r}; remove it", "parse_error"
@@ -217,20 +129,20 @@ def _root_kind(tree: exp.Expression) -> str:
 
 
 def _check_forbidden(tree: exp.Expression) -> None:
-    if not isinstance(tree, _QUERY_ROOTS):
+    if not isinstance(tree, QUERY_ROOTS):
         raise SQLRejected(
             f"only SELECT queries are allowed; got {_root_kind(tree)}. The tool is read-only",
             "not_select",
         )
     for node in tree.walk():
-        if isinstance(node, _FORBIDDEN):
+        if isinstance(node, FORBIDDEN):
             raise SQLRejected(
                 f"{_root_kind(node)} is not allowed anywhere in a query (here inside a "
                 "CTE, subquery or clause); only read with SELECT",
                 "forbidden",
             )
         if isinstance(node, (exp.Placeholder, exp.Parameter)) or (
-            isinstance(node, exp.Identifier) and node.name.startswith(_BIND_PREFIXES)
+            isinstance(node, exp.Identifier) and node.name.startswith(BIND_PREFIXES)
         ):
             raise SQLRejected(
                 "bind parameters are not supported; write literal values", "bind_parameter"
@@ -280,9 +192,9 @@ def _function_name(node: exp.Func) -> str:
 
 def _check_function(node: exp.Func) -> None:
     allowed = (
-        node.name.casefold() in _ANONYMOUS_FUNCTIONS
+        node.name.casefold() in ANONYMOUS_FUNCTIONS
         if isinstance(node, exp.Anonymous)
-        else type(node) in _FUNCTION_NODES
+        else type(node) in FUNCTION_NODES
     )
     if not allowed:
         raise SQLRejected(
@@ -362,12 +274,12 @@ def _check_node(node: exp.Expression, ctx: dict) -> None:
     elif isinstance(node, exp.Star) and any(node.args.values()):
         raise SQLRejected("SELECT * with EXCEPT/REPLACE is not supported", "construct")
     elif isinstance(node, exp.Var):
-        if not isinstance(node.parent, _VAR_PARENTS):
+        if not isinstance(node.parent, VAR_PARENTS):
             raise SQLRejected(f"{node.sql()!r} is not allowed here", "construct")
         return
-    if isinstance(node, exp.Func) and not isinstance(node, _STRUCTURE):
+    if isinstance(node, exp.Func) and not isinstance(node, STRUCTURE):
         _check_function(node)
-    elif not isinstance(node, (_STRUCTURE, exp.Func)):
+    elif not isinstance(node, (STRUCTURE, exp.Func)):
         raise SQLRejected(
             f"{node.key.upper()} is not supported; write a plain SELECT "
             "(LIMIT rather than FETCH, no arrays, no hints)", "construct",

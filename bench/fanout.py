@@ -169,7 +169,7 @@ def _flow():
     from prefect import flow
 
     from flows.generation import generate, held_out_prompts
-    from flows.pipeline import plan
+    from flows.planning import plan
     from flows.runtime import RuntimeSettings, get_runtime
     from flows.spec import load_spec
     from flows.store import shared_store

@@ -76,9 +76,10 @@ def peak_rss_mb() -> float:
 
 # ── one point, in its own process ───────────────────────────────────────────────────────────
 def plan_point(spec_path: Path, tmp: Path) -> dict:
+    from flows.slicing import plan_slices
     from flows.spec import load_spec
     from flows.store import Store
-    from flows.warehouse import make_engine, plan_slices
+    from flows.warehouse import make_engine
 
     spec = load_spec(spec_path)
     spec.generation.max_slices = None  # plan the whole table, as a full run does

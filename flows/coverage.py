@@ -29,12 +29,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
 
+from agents.agent_types import JUDGE_DISAGREED
 from agents.gates import COPY_OF_EVAL_ROW, row_key
-from agents.loop import JUDGE_DISAGREED
 from flows import tracking
+from flows.slicing import SliceDescriptor
 from flows.spec import Spec
 from flows.store import Store
-from flows.warehouse import SliceDescriptor
 
 EXCLUDED = (COPY_OF_EVAL_ROW,)
 DISPUTED_AFTER = 2  # judge disagreements with an unlabelled row's labels: a fresh agent

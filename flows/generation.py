@@ -1,5 +1,5 @@
 """The generation stage: one sub-agent per slice, fresh agents for what they left, then
-targeted top-up for balance.
+targeted top-up for balance; `label_rows` is the stage whole, as the flow calls it.
 
 `generate` runs one Prefect task per slice (`generate_slice`, or its async twin
 `agenerate_slice`; both run `label_slice`) on the runner the spec chooses
@@ -10,34 +10,12 @@ failed or short agent left, for up to `generation.max_agent_retries` rounds. `re
 measures the accepted labels against the spec's target and sends top-up agents over the
 still-unlabelled rows for the under-represented labels.
 
-Where the agents run, and what they share:
-- `async` (default): every agent a coroutine on one event loop in the flow's process, at most
-  `generation.concurrency` at a time (`EventLoopRunner`: async Prefect tasks, one task run
-  per slice, gathered under a semaphore). An agent waiting on its LLM call costs no thread,
-  so hundreds run at once; the SDKs' aiohttp transport carries the calls. Every agent shares
-  one runtime (gateways, cost ledger, budget, each endpoint's AIMD rate limit, judge) and the
-  flow's progress bars. bench/fanout.py measures it against the thread runner.
-- `thread`: a thread pool of `generation.concurrency` in the flow's process, each agent on an
-  event loop of its own (`generate_slice` runs the same coroutine); the runtime and progress
-  bars shared as above. Past ~100 agents the threads cost more CPU per call than the one loop
-  (GIL contention; bench/fanout.py: ~15 ms a call with 512 threads, ~7-8 on the loop).
-- `dask`: a Dask cluster, local (`dask_workers` processes started for the run, together
-  `concurrency` threads) or an existing one at `dask_address`. Only small descriptors cross
-  the process boundary (a `SliceDescriptor`, `RuntimeSettings`, the progress id, the wanted
-  labels; back comes the result dict); each worker process builds its own runtime with
-  `get_runtime(settings)`. So the budget (`llm.budget`) and the rate limiter are **per worker
-  process**: W workers may together spend up to W x max_usd and start W x the limiter's
-  rate against one endpoint. Every process writes to the one example store by its URL (the
-  SQLite store takes concurrent writers: WAL, busy timeout, `BEGIN IMMEDIATE`; prefer
-  PostgreSQL for many workers) and shares its call cache. A remote agent's progress shows
-  only when its task ends (the flow advances the bar by its accepted count). A cluster on
-  other hosts must reach the spec, out folder, store and LLM endpoints by the same paths
-  and URLs; the simulated teacher listens on the flow host's 127.0.0.1.
+Where the agents run (`generation.task_runner`: async, thread or dask; `sub_agent_runner`) and
+what they share: flows/agent_runners.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import json
@@ -45,42 +23,49 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Self
-from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect.context import AsyncClientContext
 from prefect.exceptions import MissingContextError
 from prefect.futures import as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
+from agents.agent_types import AgentConfig
 from agents.gates import Gate
-from agents.loop import AgentConfig, arun_agent
+from agents.loop import arun_agent
 from agents.providers import run_on_own_loop
 from agents.redact import redact
 from agents.skills import load_skill
 from agents.sql_tool import ScopedTable, SQLTool
 from flows import coverage, distribution
+from flows.agent_runners import EventLoopRunner, sub_agent_runner
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
+from flows.slicing import SliceDescriptor, fetch_slice_rows, slice_source, without_rows
 from flows.spec import Spec, load_spec
 from flows.store import Store
-from flows.warehouse import (
-    SliceDescriptor,
-    fetch_slice_rows,
-    iter_eval_rows,
-    render_completion,
-    render_prompt,
-    shared_engine,
-    slice_source,
-    without_rows,
-)
+from flows.warehouse import iter_eval_rows, render_completion, render_prompt, shared_engine
 
 
-# ── 2. generate: one sub-agent per slice ────────────────────────────────────────────────────
+# ── the stage ───────────────────────────────────────────────────────────────────────────────
+def label_rows(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+               settings: RuntimeSettings, progress_id: str) -> tuple[list[dict], dict]:
+    """The generate stage whole: one sub-agent per slice, fresh agents over the rows they
+    left, then top-up rounds for balance, all on one runner of the spec's choice. Returns
+    every agent's result and the balance figures (tv_before, tv_after, topup_slices)."""
+    with sub_agent_runner(spec) as runner:  # one event loop, threads, or a Dask cluster
+        results = generate(slices, settings, progress_id, spec.generation.concurrency,
+                           runner=runner)
+        results += cover(spec, store, run_id, slices, results, settings, progress_id,
+                         runner=runner)
+        balance = rebalance(spec, store, run_id, slices, settings, progress_id, runner=runner)
+    results += balance.pop("topup_results")
+    return results, balance
+
+
+# ── one sub-agent per slice ─────────────────────────────────────────────────────────────────
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
                    want_labels: list[str] | None = None, handover: str | None = None) -> dict:
@@ -227,92 +212,6 @@ def _write_transcript(settings: RuntimeSettings, slice_id: str, transcript: list
         json.dumps(redact(m), ensure_ascii=False, default=str) + "\n" for m in transcript))
 
 
-class EventLoopRunner:
-    """`generation.task_runner: async`: each slice's agent is an async Prefect task (one task
-    run per slice, as with the other runners), awaited on one event loop in the flow's
-    process, at most `concurrency` at a time (a semaphore). The tasks are gathered, not
-    `.map`ped: `.map` of async tasks runs each on a thread and loop of its own (slower, and a
-    thread per agent again; shared/STACK.md). The loop lives for one `generate` call."""
-
-    def __init__(self, concurrency: int):
-        self.concurrency = concurrency
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def run(self, calls: list[dict], settle: Callable[[int, dict | Exception], dict]
-            ) -> list[dict]:
-        """`agenerate_slice(**calls[i])` for every i; `settle(i, result or exception)` as
-        each ends. Returns the settled results in the calls' order."""
-
-        async def gather() -> list[dict]:
-            limit = asyncio.Semaphore(self.concurrency)
-
-            async def one(i: int, kwargs: dict) -> dict:
-                async with limit:
-                    try:
-                        outcome = await agenerate_slice(**kwargs)
-                    except Exception as e:  # noqa: BLE001 - settled like a failed future
-                        outcome = e
-                return settle(i, outcome)
-
-            # one Prefect API client for every task run on this loop: without it each task
-            # run opens its own (~6 ms of CPU, mostly building an SSL context)
-            async with AsyncClientContext.get_or_create():
-                return list(await asyncio.gather(*(one(i, kw) for i, kw in enumerate(calls))))
-
-        return run_on_own_loop(gather())
-
-
-def sub_agent_runner(spec: Spec, concurrency: int | None = None
-                     ) -> TaskRunner | EventLoopRunner:
-    """The (unstarted) runner the sub-agent tasks run on: use it as
-    `with sub_agent_runner(spec) as runner:` and pass it to `generate` / `rebalance` to share
-    one Dask cluster between the first pass and the top-up rounds.
-
-    async: `concurrency` coroutines on one event loop in this process (`EventLoopRunner`).
-    thread: `concurrency` threads in this process. dask without an address: a LocalCluster of
-    min(dask_workers, concurrency) processes with ceil(concurrency / workers) threads each
-    (so at least `concurrency` agents at once); with `dask_address`: that cluster, whose own
-    threads set the concurrency. Budget and rate limits are per worker process (module doc).
-    """
-    g = spec.generation
-    concurrency = concurrency or g.concurrency
-    if g.task_runner == "async":
-        return EventLoopRunner(concurrency)
-    if g.task_runner == "thread":
-        return ThreadPoolTaskRunner(max_workers=concurrency)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise RuntimeError("generation.task_runner: dask needs the prefect-dask package "
-                           "(pip install prefect-dask), or set task_runner: async") from None
-    log = _logger()
-    if g.dask_address:
-        if urlsplit(g.dask_address).hostname not in ("127.0.0.1", "localhost", "::1"):
-            if spec.store.url is None or spec.store.url.startswith("sqlite"):
-                log.warning("generation.dask_address %s: the example store is a SQLite file; "
-                            "workers on other hosts need store.url on a server (PostgreSQL)",
-                            g.dask_address)
-            if any(r.simulated for r in spec.llm.roles().values()):
-                log.warning("generation.dask_address %s: the simulated teacher listens on this "
-                            "host's 127.0.0.1; workers on other hosts cannot reach it",
-                            g.dask_address)
-        log.info("sub-agents on the Dask cluster at %s (budget and rate limits per worker "
-                 "process)", g.dask_address)
-        return DaskTaskRunner(address=g.dask_address)
-    workers = min(g.dask_workers, concurrency)
-    threads = -(-concurrency // workers)
-    log.info("sub-agents on a local Dask cluster: %d processes x %d threads (budget and rate "
-             "limits per process)", workers, threads)
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": workers, "threads_per_worker": threads, "processes": True,
-        "dashboard_address": None})
-
-
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
@@ -345,10 +244,10 @@ def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_
         return outcome
 
     if isinstance(runner, EventLoopRunner):
-        return runner.run([{"descriptor": s, "settings": settings, "progress_id": progress_id,
-                            "want_labels": want_labels,
-                            "handover": (handover or {}).get(s.slice_id)} for s in slices],
-                          settle)
+        return runner.run(agenerate_slice, [
+            {"descriptor": s, "settings": settings, "progress_id": progress_id,
+             "want_labels": want_labels, "handover": (handover or {}).get(s.slice_id)}
+            for s in slices], settle)
     futures = runner.map(generate_slice, {
         "descriptor": slices, "settings": unmapped(settings),
         "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels),

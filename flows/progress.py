@@ -3,13 +3,24 @@
 Tasks run in threads of the flow's process and receive only a progress id (a string, so
 Prefect state stays small); `Progress.get(id)` finds the live bars. When no progress was
 created (a task run alone, a deployment without a terminal), every call is a no-op.
+
+`StageClock` times the flow's stages for the summary and shows a bar for those that have
+one:
+
+    stage = StageClock(progress)
+    with stage("train", "training (TRL SFT via accelerate)", total=max_steps):
+        ...
+    stage.seconds  # {"train": 12.3, ...}
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -76,3 +87,28 @@ class Progress:
         with self._lock:
             self._rich.update(self._bars["train"], completed=int(event.get("step", 0)),
                               **({"note": note} if note else {}))
+
+
+class StageClock:
+    """Wall seconds per stage of the flow, in the order the stages ran."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, bar: str | None = None, total: int = 0,
+                 bar_key: str | None = None) -> Iterator[None]:
+        """Time stage `name`; with `bar`, show a progress bar of `total` steps under
+        `bar_key` (default `name`; training stages share the `train` key their log lines
+        move)."""
+        key = bar_key or name
+        if bar:
+            self.progress.start(key, bar, total)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t, 2)
+            if bar:
+                self.progress.stop(key)

@@ -19,10 +19,11 @@ from agents.drift import DriftMonitor, DriftPolicy, DriftSettings, FleetBaseline
 from agents.gateway import LLMGateway
 from agents.judge import Judge
 from agents.ledger import CostLedger, load_prices
-from agents.providers import make_provider
+from agents.provider_factory import make_provider
 from agents.ratelimit import limiter_for
 from agents.skills import load_skill
-from flows.spec import Role, Spec, load_spec
+from flows.spec import Spec, load_spec
+from flows.spec_llm import Role
 from flows.store import shared_store
 
 SIMULATED_KEY = "simulated-teacher-key"

@@ -6,6 +6,10 @@ the Prefect UI form. Every field carries its help text. Unknown keys are errors
 
 `load_spec(path)` returns a `Spec` or raises `SpecError`, whose `.problems` are lines of the
 form `field.path: what is wrong, and the fix` — never a traceback.
+
+This file holds the data, the task and the assembled `Spec`; the other sections live in
+`spec_llm.py` (who plays which part), `spec_generation.py` (the sub-agents and the drift
+test) and `spec_training.py` (student, SFT, DPO, tuning), on `spec_base.py`'s strict model.
 """
 
 from __future__ import annotations
@@ -21,18 +25,19 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agents.teacher.config import TeacherKnobs
+from flows.spec_base import FieldError, Strict
+from flows.spec_generation import Drift, Generation
+from flows.spec_llm import LLM, Budget, Price, RateLimit, Role
+from flows.spec_training import DPO, Lora, Student, TinyModel, Training, Tuning
+
+__all__ = ["DPO", "LLM", "Budget", "Drift", "Generation", "Lora", "Price", "RateLimit",
+           "Role", "Student", "TinyModel", "Training", "Tuning"]  # re-exported: the sections live in their files
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-from flows.spec_training import DPO, Lora, Student, TinyModel, Training, Tuning, _Strict
-
-__all__ = ["DPO", "Lora", "Student", "TinyModel", "Training", "Tuning"]  # re-exported
-
-
 # ── where the data is ────────────────────────────────────────────────────────────────────────
-class Warehouse(_Strict):
+class Warehouse(Strict):
     url: str = Field(
         description="SQLAlchemy URL of the warehouse. A relative sqlite path is resolved "
         "against the spec file's folder.",
@@ -65,7 +70,7 @@ class Warehouse(_Strict):
         return v
 
 
-class Slicing(_Strict):
+class Slicing(Strict):
     table: str = Field(description="The allow-listed table to slice.")
     id_column: str = Field("id", description="Primary key column (used for hashing and paging).")
     method: Literal["group_by", "hash"] = Field(
@@ -86,7 +91,7 @@ class Slicing(_Strict):
 
 
 # ── what an example looks like ───────────────────────────────────────────────────────────────
-class Task(_Strict):
+class Task(Strict):
     kind: Literal["classification"] = Field(
         "classification", description="The task family. Classification: one label per row."
     )
@@ -134,163 +139,7 @@ class Task(_Strict):
         return [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
 
 
-# ── who plays which part ─────────────────────────────────────────────────────────────────────
-class Role(_Strict):
-    """Which LLM plays one role, through which SDK, at which endpoint."""
-
-    api: Literal["openai", "anthropic"] = Field(
-        "openai",
-        description="Wire format and official SDK: openai (OpenAI, MiniMax, vLLM, Ollama, any "
-        "OpenAI-compatible endpoint) or anthropic (Claude, MiniMax's Anthropic endpoint).",
-    )
-    model: str = Field(description="Model name sent to the provider.")
-    endpoint: str | None = Field(
-        "simulated",
-        description="`simulated` (posttrain's local teacher, always announced as such), a base "
-        "URL (e.g. https://api.minimax.io/v1), or null for the SDK's default endpoint.",
-    )
-    api_key_env: str | None = Field(
-        None, description="Environment variable with the key (default OPENAI_API_KEY or "
-        "ANTHROPIC_API_KEY by api)."
-    )
-    secret_block: str | None = Field(
-        None, description="Prefect Secret block holding the key, used when the variable is unset."
-    )
-    temperature: float = Field(0.2, ge=0.0, le=2.0, description="Sampling temperature.")
-    max_tokens: int = Field(4096, ge=1, description="Most output tokens per call.")
-    stream: bool = Field(False, description="Anthropic only: stream replies (SSE).")
-
-    @property
-    def simulated(self) -> bool:
-        return self.endpoint == "simulated"
-
-    @property
-    def key_env(self) -> str:
-        return self.api_key_env or ("OPENAI_API_KEY" if self.api == "openai" else "ANTHROPIC_API_KEY")
-
-
-class Price(_Strict):
-    input: float = Field(ge=0.0, description="USD per million input tokens.")
-    output: float = Field(ge=0.0, description="USD per million output tokens.")
-    cache_read: float | None = Field(None, ge=0.0, description="USD per million cache-read "
-                                     "tokens (default: the input price).")
-    cache_write: float | None = Field(None, ge=0.0, description="USD per million cache-write "
-                                      "tokens (default: the input price).")
-
-
-class Budget(_Strict):
-    max_usd: float | None = Field(None, gt=0.0, description="Stop new LLM calls past this cost.")
-    max_tokens: int | None = Field(None, ge=1, description="Stop new LLM calls past this many "
-                                   "tokens (input, output, cache reads and writes).")
-
-
-class RateLimit(_Strict):
-    initial: int = Field(8, ge=1, description="Concurrent calls per endpoint at the start.")
-    minimum: int = Field(1, ge=1, description="Floor the adaptive limit never goes under.")
-    maximum: int = Field(64, ge=1, description="Ceiling the adaptive limit grows back to.")
-
-
-class LLM(_Strict):
-    generator: Role = Field(
-        default_factory=lambda: Role(model="simulated-teacher"),
-        description="The bulk: the sub-agents that label rows (a cheap model).",
-    )
-    judge: Role | None = Field(
-        default_factory=lambda: Role(api="anthropic", model="simulated-judge", temperature=0.0),
-        description="Reviews a sample of accepted examples (a strong model); null to skip.",
-    )
-    tuner: Role | None = Field(None, description="Proposes training configs (later stages).")
-    simulated: TeacherKnobs = Field(
-        default_factory=TeacherKnobs,
-        description="Knobs of the simulated teacher: noise, drift, bias, misuse, faults.",
-    )
-    prices: dict[str, Price] = Field(
-        default_factory=dict, description="Per-model prices overriding agents/prices.yaml."
-    )
-    budget: Budget = Field(default_factory=Budget)
-    rate_limit: RateLimit = Field(default_factory=RateLimit)
-
-    def roles(self) -> dict[str, Role]:
-        return {n: r for n, r in (("generator", self.generator), ("judge", self.judge),
-                                  ("tuner", self.tuner)) if r is not None}
-
-
-class Drift(_Strict):
-    """The drift test (agents/drift.py): a CUSUM of each agent's bad rate (off-spec
-    submissions and judge disagreements) against its own early rate."""
-
-    baseline_rate: float = Field(
-        0.10, gt=0.0, lt=1.0, description="Bad rate any agent may have all along (cheap "
-        "models mislabel ~10%): the floor of the early rate a rise is measured against.")
-    max_baseline_rate: float = Field(
-        0.20, gt=0.0, lt=1.0, description="Ceiling of the early rate: a worse start is not "
-        "taken as the agent's normal.")
-    odds_ratio: float = Field(
-        3.0, gt=1.0, description="The rise to detect: the early rate's odds times this.")
-    false_alarm_rate: float = Field(
-        0.01, gt=0.0, lt=0.5, description="Chance of any false alarm over one agent's whole "
-        "slice, whatever its length (sets the CUSUM threshold).")
-    warmup: int = Field(40, ge=0, description="Observations that set the agent's early rate.")
-    min_observations: int = Field(20, ge=1, description="No alarm before this many.")
-    fleet_warmup: int = Field(
-        200, ge=0, description="The run's first observations (all agents of a process) set "
-        "the fleet's early rate; an agent is measured against the lower of its own and the "
-        "fleet's, so one that starts after the fleet went bad is still caught. 0: own only.")
-    suspicion: float = Field(
-        0.25, gt=0.0, le=1.0, description="Share of the alarm level past which every example "
-        "is judged until the test settles (more judge calls, a quicker alarm).")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Drift:
-        if self.max_baseline_rate < self.baseline_rate:
-            raise _FieldError("generation.drift.max_baseline_rate",
-                              f"must be >= baseline_rate ({self.baseline_rate}), got "
-                              f"{self.max_baseline_rate}")
-        return self
-
-
-class Generation(_Strict):
-    concurrency: int = Field(4, ge=1, description="Sub-agents running at once.")
-    max_turns: int = Field(40, ge=1, description="LLM calls one agent may make.")
-    page_size: int = Field(
-        25, ge=1, le=500, description="Rows the skill asks an agent to read per SQL call."
-    )
-    sql_row_limit: int = Field(200, ge=1, description="Most rows one SQL tool call returns.")
-    max_slices: int | None = Field(
-        None, ge=1, description="Use only the first N slices (for quick runs)."
-    )
-    memory_budget_tokens: int = Field(
-        16000, ge=500, description="Context budget per agent; older turns are pruned to fit."
-    )
-    judge_sample_rate: float = Field(
-        0.2, ge=0.0, le=1.0, description="Share of accepted examples the judge reviews."
-    )
-    drift: Drift = Field(default_factory=Drift, description="The per-agent drift test.")
-    max_agent_retries: int = Field(
-        2, ge=0, description="Rounds of fresh agents over the rows that stopped or failed "
-        "agents left unlabelled (each told why the last one stopped).")
-    min_coverage: float = Field(
-        0.98, ge=0.0, le=1.0, description="Labelled rows / planned rows (copies of held-out "
-        "rows excluded) below which the run fails before training, naming the slices.")
-    max_nudges: int = Field(
-        2, ge=0, description="Times an agent that stops early is told rows remain."
-    )
-    task_runner: Literal["async", "thread", "dask"] = Field(
-        "async", description="Where sub-agent tasks run: async = coroutines on one event loop "
-        "in the flow's process (async Prefect tasks, one per slice; many agents without a "
-        "thread each); thread = a thread per running agent in the flow's process; dask = a "
-        "Dask cluster (each worker process has its own budget and rate limiter)."
-    )
-    dask_address: str | None = Field(
-        None, description="Dask scheduler address like tcp://host:8786; null with task_runner "
-        "dask = a local cluster of processes started for the run."
-    )
-    dask_workers: int = Field(
-        2, ge=1, description="Worker processes of the local Dask cluster (no dask_address)."
-    )
-
-
-class Distribution(_Strict):
+class Distribution(Strict):
     target: Literal["none", "uniform"] | dict[str, float] = Field(
         "none", description="Label shares the training set should have: none (measure only), "
         "uniform, or {label: share}."
@@ -303,7 +152,7 @@ class Distribution(_Strict):
     )
 
 
-class Promotion(_Strict):
+class Promotion(Strict):
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     min_improvement: float = Field(
         0.0, ge=0.0, description="Promote only if metric > champion's + this (both measured "
@@ -326,7 +175,7 @@ class Promotion(_Strict):
     )
 
 
-class Evaluation(_Strict):
+class Evaluation(Strict):
     holdout_fraction: float = Field(
         0.18, gt=0.0, lt=1.0,
         description="Share of rows held out for evaluation, chosen by a hash of the id "
@@ -337,7 +186,7 @@ class Evaluation(_Strict):
     promotion: Promotion = Field(default_factory=Promotion)
 
 
-class Tracking(_Strict):
+class Tracking(Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
         "sqlite:///<out>/../mlflow.db shared by all runs under that folder.",
@@ -346,13 +195,13 @@ class Tracking(_Strict):
     registered_model: str = Field(description="Model Registry name of the trained model.")
 
 
-class Store(_Strict):
+class Store(Strict):
     url: str | None = Field(
         None, description="Example store SQLAlchemy URL. Default: sqlite:///<out>/store.db."
     )
 
 
-class Spec(_Strict):
+class Spec(Strict):
     name: str = Field(description="Short name of this post-training job.")
     warehouse: Warehouse
     slicing: Slicing
@@ -374,7 +223,7 @@ class Spec(_Strict):
         gen = data.get("generation") if isinstance(data, dict) else None
         old = [k for k in ("drift_window", "drift_threshold") if isinstance(gen, dict) and k in gen]
         if old:
-            raise _FieldError(
+            raise FieldError(
                 f"generation.{old[0]}",
                 "was replaced by generation.drift (a CUSUM test of a rise in each agent's bad "
                 "rate, with baseline_rate, odds_ratio, false_alarm_rate ...): remove it")
@@ -384,31 +233,31 @@ class Spec(_Strict):
     def _cross_checks(self) -> Spec:
         table_cols = self.warehouse.tables.get(self.slicing.table)
         if table_cols is None:
-            raise _FieldError(
+            raise FieldError(
                 "slicing.table",
                 f"must be one of the allow-listed tables ({', '.join(self.warehouse.tables)}), "
                 f"got {self.slicing.table!r}",
             )
         if self.slicing.id_column not in table_cols:
-            raise _FieldError(
+            raise FieldError(
                 "slicing.id_column",
                 f"must be an allow-listed column of {self.slicing.table!r}, "
                 f"got {self.slicing.id_column!r}",
             )
         if self.slicing.column and self.slicing.column not in table_cols:
-            raise _FieldError(
+            raise FieldError(
                 "slicing.column",
                 f"must be an allow-listed column of {self.slicing.table!r}, "
                 f"got {self.slicing.column!r}",
             )
         missing = [c for c in self.task.template_columns() if c not in table_cols]
         if missing:
-            raise _FieldError(
+            raise FieldError(
                 "task.prompt_template",
                 f"uses {', '.join(missing)}, not allow-listed columns of {self.slicing.table!r}",
             )
         if self.task.gold_column in table_cols:
-            raise _FieldError(
+            raise FieldError(
                 "task.gold_column",
                 f"{self.task.gold_column!r} is allow-listed in warehouse.tables."
                 f"{self.slicing.table}: remove it there, agents must never read the gold label",
@@ -417,19 +266,19 @@ class Spec(_Strict):
         if isinstance(target, dict):
             unknown = sorted(set(target) - set(self.task.labels))
             if unknown:
-                raise _FieldError("distribution.target",
+                raise FieldError("distribution.target",
                                   f"labels {', '.join(unknown)} are not in task.labels")
             if abs(sum(target.values()) - 1.0) > 1e-6:
-                raise _FieldError("distribution.target",
+                raise FieldError("distribution.target",
                                   f"shares must sum to 1, got {sum(target.values()):g}")
         bias = [b for b in self.llm.simulated.bias_labels if b not in self.task.labels]
         if bias:
-            raise _FieldError("llm.simulated.bias_labels",
+            raise FieldError("llm.simulated.bias_labels",
                               f"labels {', '.join(bias)} are not in task.labels")
         profile = Path(__file__).resolve().parent.parent / "training" / "accelerate"
         if not (profile / f"{self.training.accelerate_profile}.yaml").exists():
             choices = sorted(p.stem for p in profile.glob("*.yaml"))
-            raise _FieldError(
+            raise FieldError(
                 "training.accelerate_profile",
                 f"must be one of {', '.join(choices)}, got {self.training.accelerate_profile!r}",
             )
@@ -444,15 +293,6 @@ class Spec(_Strict):
     @property
     def allowed_columns(self) -> list[str]:
         return self.warehouse.tables[self.slicing.table]
-
-
-class _FieldError(ValueError):
-    """A cross-field problem that names its own field path."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
 
 
 class SpecError(Exception):
@@ -473,7 +313,7 @@ def _format_error(err: dict) -> str:
         return f"{loc}: required, add it"
     if kind == "value_error":
         inner = ctx.get("error")
-        if isinstance(inner, _FieldError):
+        if isinstance(inner, FieldError):
             return f"{inner.path}: {inner.message}"
         text = msg.removeprefix("Value error, ")
         # a model validator that names a sub-field ("column: ...") gets the full path

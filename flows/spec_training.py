@@ -1,22 +1,21 @@
 """The spec's learning sections: the student model, SFT, DPO and the tune stage.
 
 Split from `flows/spec.py` (which imports and re-exports them) so that file stays about the
-data and the LLMs. Same rules: every field has help text, unknown keys are errors.
+data, the task and how the run is assembled. Same rules: every field has help text, unknown
+keys are errors.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+from flows.spec_base import Strict
 
 
 # ── the student model ────────────────────────────────────────────────────────────────────────
-class TinyModel(_Strict):
+class TinyModel(Strict):
     architecture: Literal["llama", "qwen2"] = Field(
         "llama", description="Model family the config builds (transformers model_type)."
     )
@@ -44,7 +43,7 @@ class TinyModel(_Strict):
         return self
 
 
-class Student(_Strict):
+class Student(Strict):
     source: Literal["tiny", "pretrained"] = Field(
         "tiny", description="tiny: a small causal LM built from a config with a locally "
         "trained tokenizer (no hub). pretrained: load `name_or_path` (a Hugging Face model "
@@ -64,7 +63,7 @@ class Student(_Strict):
 
 
 # ── how it learns ────────────────────────────────────────────────────────────────────────────
-class Lora(_Strict):
+class Lora(Strict):
     r: int = Field(0, ge=0, description="LoRA rank; 0 trains every weight (no adapter).")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -73,7 +72,7 @@ class Lora(_Strict):
     )
 
 
-class Training(_Strict):
+class Training(Strict):
     accelerate_profile: str = Field(
         "cpu", description="Accelerate config under training/accelerate/ (without .yaml)."
     )
@@ -100,7 +99,7 @@ class Training(_Strict):
     )
 
 
-class DPO(_Strict):
+class DPO(Strict):
     enabled: bool = Field(False, description="Run DPO on agent-written preference pairs after SFT.")
     pairs_per_call: int = Field(10, ge=1, description="Prompts per write-preference-pairs call.")
     max_pairs: int | None = Field(None, ge=2, description="Most pairs to write; null: one per "
@@ -120,7 +119,7 @@ class DPO(_Strict):
     max_length: int = Field(256, ge=16, description="Tokens per prompt+completion.")
 
 
-class Tuning(_Strict):
+class Tuning(Strict):
     enabled: bool = Field(False, description="Run tuning trials before the final SFT.")
     trials: int = Field(4, ge=1, description="Configs tried, the spec's own config included.")
     max_steps: int = Field(100, ge=1, description="Training steps per trial (a short budget).")

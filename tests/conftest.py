@@ -100,3 +100,34 @@ def _fresh_prefect_senders():
     drain_prefect_senders()
     yield
     drain_prefect_senders()
+
+
+# ── the simulated teacher, shared by tests/test_teacher_*.py (helpers: tests/teacher_helpers.py)
+@pytest.fixture(scope="module")
+def gold(engine) -> dict[int, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT id, topic FROM articles ORDER BY id")).all())
+
+
+@pytest.fixture
+def teacher(small_warehouse_url, tmp_path):
+    """teacher(**knobs) -> a started TeacherServer (stopped after the test); log at .log."""
+    from agents.teacher import TeacherConfig, TeacherKnobs, TeacherServer
+    from tests.teacher_helpers import LABELS
+
+    started = []
+
+    def start(api_key=None, **knobs) -> TeacherServer:
+        knobs.setdefault("read_chars", None)  # exact paging queries in the tests read whole columns
+        log = tmp_path / f"requests-{len(started)}.jsonl"
+        server = TeacherServer(TeacherConfig(
+            small_warehouse_url, "articles", "id", "topic", LABELS, knobs=TeacherKnobs(**knobs),
+            api_key=api_key, request_log=str(log)))
+        server.start()
+        server.log = log
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -11,13 +11,14 @@ import httpx2
 import pytest
 import sqlalchemy as sa
 
+from agents.agent_types import AgentConfig
 from agents.drift import DriftMonitor, DriftPolicy, DriftSettings
 from agents.gates import Gate
 from agents.gateway import LLMGateway, MemoryCache
 from agents.judge import Judge
 from agents.ledger import CostLedger
-from agents.loop import AgentConfig, run_agent
-from agents.providers import make_openai_client, make_provider
+from agents.loop import run_agent
+from agents.provider_factory import make_openai_client, make_provider
 from agents.ratelimit import AdaptiveLimiter
 from agents.skills import Skill, SkillError, load_skill
 from agents.sql_tool import ScopedTable, SQLTool

@@ -30,8 +30,9 @@ def async_run(small_warehouse_url, tmp_path_factory, prefect_api):
     from prefect.logging.handlers import APILogHandler
 
     from agents.teacher import TeacherConfig, TeacherServer
-    from flows.generation import EventLoopRunner, generate, sub_agent_runner
-    from flows.pipeline import plan
+    from flows.agent_runners import EventLoopRunner, sub_agent_runner
+    from flows.generation import generate
+    from flows.planning import plan
     from flows.progress import Progress
     from flows.runtime import RuntimeSettings
     from flows.spec import load_spec

@@ -112,8 +112,8 @@ def test_coverage_is_measured_from_the_store(tmp_path):
     """Labelled by any agent of the slice (retry, top-up), copies of held-out rows excluded,
     rows the judge rejected twice disputed (not retried), revoked labels not counted."""
     from flows import coverage
+    from flows.slicing import MembersRef, SliceDescriptor
     from flows.store import Store
-    from flows.warehouse import MembersRef, SliceDescriptor
 
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     run = store.start_run("t", "h", "{}")

@@ -1,22 +1,21 @@
 """The gateway path (cache → budget → rate limit → provider → ledger) through the real SDKs on
-httpx2 mock transports; the ledger and prices; the adaptive limiter; redaction."""
+httpx2 mock transports, blocking and async; redaction. (The ledger and prices:
+tests/test_gateway_ledger.py; the adaptive limiter: tests/test_gateway_limiter.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import logging
 import threading
-import time
 
 import httpx2
 import pytest
 
 from agents.gateway import BudgetExceeded, LLMGateway, MemoryCache, request_key
 from agents.ledger import CostLedger, load_prices
-from agents.providers import Completion, ProviderError, make_provider
-from agents.ratelimit import AdaptiveLimiter, limiter_for
+from agents.provider_factory import make_provider
+from agents.providers import ProviderError
+from agents.ratelimit import AdaptiveLimiter
 from agents.redact import MARK, redact
 
 RECORD_KEYS = {"role", "agent", "slice_id", "api", "model", "request_hash", "cached",
@@ -215,193 +214,6 @@ def test_request_key_is_content_only():
     assert request_key(*args[:5], {"temperature": 0.6}) != key
     reordered = [{"content": "s", "role": "system"}, {"content": "u", "role": "user"}]
     assert request_key(*args[:3], reordered, *args[4:]) == key
-
-
-# ── ledger and prices ──────────────────────────────────────────────────────────────────────
-def test_ledger_totals_by_role_agent_slice_with_cache_prices():
-    ledger = CostLedger(load_prices())
-    usage = Completion(None, [], "stop", "m", input_tokens=1000, output_tokens=200,
-                       cache_read_tokens=10_000, cache_write_tokens=2000)
-    cost = ledger.add("teacher", "claude-sonnet-4-5", "a1", "s1", usage)
-    assert cost == pytest.approx((1000 * 3 + 200 * 15 + 10_000 * 0.3 + 2000 * 3.75) / 1e6)
-    ledger.add("teacher", "claude-sonnet-4-5-20250929", "a2", "s1", usage)  # dated name
-    ledger.add("judge", "simulated-judge", "judge", None,
-               {"input_tokens": 1_000_000, "output_tokens": 0})
-    t = ledger.totals()
-    assert t["calls"] == 3 and t["input_tokens"] == 1_002_000
-    assert t["cost_usd"] == pytest.approx(2 * cost + 3.0)
-    assert t["by_role"]["teacher"]["cost_usd"] == pytest.approx(2 * cost)
-    assert t["by_role"]["judge"]["cost_usd"] == pytest.approx(3.0)
-    assert set(t["by_agent"]) == {"a1", "a2", "judge"} and set(t["by_slice"]) == {"s1"}
-    assert t["by_slice"]["s1"]["cache_read_tokens"] == 20_000
-    t["by_role"]["teacher"]["calls"] = 99  # a copy
-    assert ledger.totals()["by_role"]["teacher"]["calls"] == 2
-
-
-def test_unknown_model_costs_nothing_and_warns_once(caplog):
-    ledger = CostLedger(load_prices())
-    with caplog.at_level(logging.WARNING, logger="agents.ledger"):
-        for _ in range(3):
-            assert ledger.add("teacher", "mystery-1", "a", "s", {"input_tokens": 5}) == 0.0
-        assert ledger.cost("gpt-4.1-nano", {"input_tokens": 5}) == 0.0  # no prefix guessing
-    assert sum("mystery-1" in r.getMessage() for r in caplog.records) == 1
-    assert ledger.totals()["input_tokens"] == 15
-
-
-def test_price_table_and_overrides():
-    prices = load_prices()
-    assert prices["claude-opus-4-1"] == {"input": 15, "output": 75, "cache_read": 1.5,
-                                         "cache_write": 18.75}
-    assert prices["gpt-4o-mini"]["cache_write"] == 0.15  # none listed: the input price
-    assert prices["simulated-teacher"] == prices["MiniMax-M2.5"]
-    assert prices["simulated-judge"] == prices["claude-sonnet-4-5"]
-    merged = load_prices({"gpt-4.1": {"output": 9}, "local-vllm": {"input": 0, "output": 0}})
-    assert merged["gpt-4.1"] == {**prices["gpt-4.1"], "output": 9.0}
-    assert merged["local-vllm"]["cache_read"] == 0
-    with pytest.raises(ValueError, match="unknown price fields"):
-        load_prices({"gpt-4.1": {"inptu": 1}})
-    with pytest.raises(ValueError, match="at least input and output"):
-        load_prices({"new-model": {"input": 1}})
-    with pytest.raises(ValueError, match="non-negative"):
-        load_prices({"gpt-4.1": {"input": -1}})
-
-
-# ── the limiter ────────────────────────────────────────────────────────────────────────────
-def test_limiter_aimd_stays_within_bounds():
-    lim = AdaptiveLimiter(initial=4, minimum=2, maximum=6, increase=1.0, decrease=0.5)
-    for _ in range(5):
-        lim.on_throttle()
-    assert lim.limit == 2  # never below minimum
-    for _ in range(3):
-        lim.on_success()
-    assert 3 <= lim.limit < 4  # +1/limit per success: about +1 per window
-    for _ in range(200):
-        lim.on_success()
-    assert lim.limit == 6  # never above maximum
-    limits = [limit for _, limit in lim.history]
-    assert min(limits) == 2 and max(limits) == 6 and limits[-1] == 6
-
-
-def test_one_congestion_event_decreases_once():
-    lim = AdaptiveLimiter(initial=16)
-    inside, go = threading.Barrier(4), threading.Event()
-
-    def worker():
-        with lim.slot():
-            inside.wait()
-            go.wait()
-        lim.on_throttle()  # all four were in flight before the first decrease
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
-    go.set()
-    for t in threads:
-        t.join()
-    assert lim.limit == 8
-    with lim.slot():
-        pass
-    lim.on_throttle()  # a call started after the decrease: a new event
-    assert lim.limit == 4
-
-
-def test_limiter_bounds_real_concurrency():
-    lim = AdaptiveLimiter(initial=3, maximum=3)
-    active, peak, lock = [0], [0], threading.Lock()
-
-    def worker():
-        with lim.slot():
-            with lock:
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
-            time.sleep(0.01)
-            with lock:
-                active[0] -= 1
-        lim.on_success()
-
-    threads = [threading.Thread(target=worker) for _ in range(15)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] == 3 and lim.in_flight == 0
-
-
-def test_throttle_pauses_new_slots():
-    lim = AdaptiveLimiter(initial=4)
-    lim.on_throttle(retry_after=0.1)
-    started = time.monotonic()
-    with lim.slot():
-        waited = time.monotonic() - started
-    assert 0.08 <= waited < 1.0 and lim.limit == 2
-
-
-def test_limiter_for_is_shared_per_endpoint():
-    a = limiter_for("http://shared.test/v1", initial=5, maximum=10)
-    assert limiter_for("http://shared.test/v1") is a and a.limit == 5
-    assert limiter_for("http://other.test/v1") is not a
-    assert AdaptiveLimiter(initial=8, maximum=4).limit == 4  # initial clamped
-
-
-def test_async_slots_share_the_bound_with_threads_without_blocking_the_loop():
-    lim = AdaptiveLimiter(initial=3, maximum=3)
-    active, peak, lock, ticks = [0], [0], threading.Lock(), []
-
-    def hold(seconds: float) -> None:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(seconds)
-        with lock:
-            active[0] -= 1
-
-    def thread_worker():
-        with lim.slot():
-            hold(0.01)
-
-    async def coroutine_worker():
-        async with lim.aslot():
-            hold(0.001)
-            await asyncio.sleep(0.01)
-
-    async def ticker():  # runs all along: waiting for a slot never blocks the loop
-        for _ in range(10):
-            ticks.append(time.monotonic())
-            await asyncio.sleep(0.005)
-
-    async def main():
-        await asyncio.gather(ticker(), *(coroutine_worker() for _ in range(20)))
-
-    threads = [threading.Thread(target=thread_worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    asyncio.run(main())
-    for t in threads:
-        t.join()
-    assert peak[0] <= 3 and lim.in_flight == 0
-    assert len(ticks) == 10 and max(b - a for a, b in itertools.pairwise(ticks)) < 0.1
-
-
-def test_async_throttle_pauses_slots_and_one_event_decreases_once():
-    lim = AdaptiveLimiter(initial=16)
-
-    async def worker(inside: asyncio.Barrier):
-        async with lim.aslot():
-            await inside.wait()
-        lim.on_throttle()  # all four tasks were in flight before the first decrease
-
-    async def main():
-        inside = asyncio.Barrier(4)
-        await asyncio.gather(*(worker(inside) for _ in range(4)))
-        assert lim.limit == 8
-        lim.on_throttle(retry_after=0.1)  # not from a slot of this task: a new event
-        started = time.monotonic()
-        async with lim.aslot():
-            return time.monotonic() - started
-
-    waited = asyncio.run(main())
-    assert 0.08 <= waited < 1.0 and lim.limit == 4 and lim.in_flight == 0
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])

@@ -194,7 +194,8 @@ def test_prefect_recorded_one_task_run_per_slice(two_runs):
 def test_a_nightly_run_without_new_data_stops_early(two_runs, small_warehouse_url, tmp_path):
     """The champion (v1) was trained on this very warehouse: a run asked to train only on new
     data says so, records the skip and trains nothing; changed data would go ahead."""
-    from flows.pipeline import post_training, unchanged_since_champion
+    from flows.pipeline import post_training
+    from flows.run_lifecycle import unchanged_since_champion
     from flows.spec import load_spec
     from flows.store import Store
 

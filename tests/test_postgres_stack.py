@@ -23,7 +23,7 @@ import yaml
 from tests.servers import drain_prefect_senders, start_prefect_server, stop_process
 from tests.test_pipeline import LEARNS, tiny_spec
 
-READER_ROLE = "posttrain_reader"  # what flows/pipeline.py's plan-slices ensures
+READER_ROLE = "posttrain_reader"  # what flows/planning.py's plan-slices ensures
 STORE_SCHEMA = "posttrain_store"
 # the flow's tasks that must each have at least one COMPLETED run (names get a suffix)
 STAGE_TASKS = ("plan-slices", "curate", "train-sft", "evaluate", "register-model", "promote")

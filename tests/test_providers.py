@@ -11,14 +11,9 @@ from email.utils import format_datetime
 import httpx2
 import pytest
 
-from agents.providers import (
-    Completion,
-    ProviderError,
-    ToolCall,
-    make_provider,
-    retry_after_seconds,
-    to_anthropic,
-)
+from agents.anthropic_provider import to_anthropic
+from agents.provider_factory import make_provider
+from agents.providers import Completion, ProviderError, ToolCall, retry_after_seconds
 
 OPENAI_BASE = "http://llm.test/v1"
 ANTHROPIC_BASE = "http://llm.test/anthropic"

@@ -20,10 +20,10 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from flows.approval import Approval
-from flows.reporting import NOTE_TAG, UI_ENV, publish_reports
+from flows.reports import NOTE_TAG, UI_ENV, publish_reports
+from flows.slicing import MembersRef, SliceDescriptor
 from flows.spec import Spec
 from flows.store import Store
-from flows.warehouse import MembersRef, SliceDescriptor
 from tests.servers import free_port
 from training.evaluate import classification_metrics
 from training.registry import decide_promotion
@@ -159,7 +159,7 @@ def inputs(tmp_path_factory):
     approval = Approval(approved=True, reviewer="ana", comment="checked the F1s",
                         timed_out=False)
     decision = approval.applied_to(rule)
-    summary = {  # the shape flows/pipeline.py writes to summary.json
+    summary = {  # the shape flows/summary.py writes to summary.json
         "run_id": run_id, "mlflow_run_id": parent_id,
         "mlflow_tracking_uri": "sqlite:///x", "teacher": "simulated",
         "llm": "generator=simulated,judge=simulated,tuner=simulated", "resumed": False,

@@ -1,6 +1,6 @@
 """Layer 1 alone: `agents.sql_guard.check` on the hostile corpus and on ordinary queries.
 
-No database here; tests/test_sql_tool.py runs the same corpus against real SQLite and
+No database here; tests/test_sql_tool_backends.py runs the same corpus against real SQLite and
 PostgreSQL warehouses, with and without the guard."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import sqlglot
 
-from agents.sql_guard import ALLOWED_FUNCTIONS, CODES, SQLRejected, check, check_tree
+from agents.sql_allowlist import ALLOWED_FUNCTIONS, CODES
+from agents.sql_guard import SQLRejected, check, check_tree
 from tests.sql_hostile import HOSTILE
 
 TABLES = {"articles": ["id", "title", "body", "published_at", "region", "word_count"]}

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
+from flows.slicing import MembersRef, SliceDescriptor
 from flows.store import Store
-from flows.warehouse import MembersRef, SliceDescriptor
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,6 +8,7 @@ the request's model name echoed back.
     config.py    TeacherKnobs (how it misbehaves, seeded) and TeacherConfig (where the gold is)
     wire.py      OpenAI / Anthropic bodies and SSE streams <-> neutral messages
     labeller.py  the labelling policy (and how its paging survives pruned memory)
+    paging.py    reading its place in the slice back out of a conversation
     slips.py     its deliberate mistakes: prose, harmful SQL, arguments that are not JSON
     roles.py     judge (<review>), preference pairs (<pairs>), tuner (<tune>)
     server.py    the FastAPI app: auth, faults, request log, stats; TeacherServer

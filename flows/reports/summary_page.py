@@ -1,0 +1,146 @@
+"""The run in one page (`summary.md`): what people check first, first.
+
+Warnings that limit the data, the promotion decision, the metrics against the baselines, the
+data (coverage, slices, gate rejections, tool misuse, drift alarms, stopped agents), the label
+distribution by stage, cost and time. The same text is the MLflow run's description and the
+Prefect summary artifact.
+"""
+
+from __future__ import annotations
+
+from flows.reports.markdown import decision_lines, label_table, num, table
+from flows.spec import Spec
+
+
+def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_table: list[dict],
+                     evaluation: dict | None, links: dict, plot_links: dict[str, str],
+                     chosen_trial: int | None = None) -> str:
+    """The run in one page: what people check first, first."""
+    s = summary
+    roles = spec.llm.roles()
+    simulated = [n for n, r in roles.items() if r.simulated]
+    lines = [f"# {spec.name}: post-training run {str(s['run_id'])[:8]}", ""]
+    warnings = s.get("warnings") or []
+    if warnings:  # what limits this run's data comes before anything else
+        lines += ["**Completed with warnings:**", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += decision_lines(s, links)
+    lines += ["", "Teacher: " + (f"posttrain's **SIMULATED** teacher plays {', '.join(simulated)}"
+                                 if simulated else "real LLMs")
+              + f" ({s.get('llm', '')})." + (" Resumed after an interrupted attempt."
+                                              if s.get("resumed") else "")]
+
+    # metrics
+    n_eval = s.get("eval_examples")
+    lines += ["", f"## Metrics on {n_eval} held-out rows", ""]
+    ev = evaluation or {}
+
+    def f1(key: str):
+        return (ev.get(key) or {}).get("macro_f1")
+
+    rows = [["base (untrained)", num(s.get("base_accuracy")), num(f1("base"))],
+            ["after SFT", num(s.get("sft_accuracy")), num(f1("sft"))],
+            ["**final**" + (" (SFT + DPO)" if s.get("dpo_reward_accuracy") is not None else ""),
+             f"**{num(s.get('accuracy'))}**", f"**{num(s.get('macro_f1'))}**"]]
+    if s.get("champion_accuracy") is not None:
+        rows.append([f"champion v{s.get('previous_champion_version')} (same rows)",
+                     num(s["champion_accuracy"]), num(f1("champion"))])
+    rows.append(["always the commonest label", num(s.get("majority_baseline")), "—"])
+    lines += table(["model", "accuracy", "macro-F1"], rows)
+    if s.get("dpo_reward_accuracy") is not None:
+        pairs = s.get("dpo_pairs") or {}
+        lines += ["", (f"DPO: reward accuracy {num(s['dpo_reward_accuracy'])}, reward margin "
+                       f"{num(s.get('dpo_reward_margin'))} on {pairs.get('held_out', '?')} "
+                       f"held-out pairs ({pairs.get('train', '?')} trained on).")]
+    trials = s.get("tuning_trials") or []
+    if trials:
+        beats = s.get("tuning_beats_default")
+        lines += ["", f"Tuning: {len(trials)} trials; "
+                  + ("the chosen config beats the spec's default." if beats
+                     else "the spec's default config stays."), ""]
+        keys = sorted({k for t in trials for k in (t.get("config") or {})})
+        lines += table(["trial", "source", *keys, "eval loss", "status"], [
+            [f"{t['trial']}" + (" **chosen**" if t["trial"] == chosen_trial else ""),
+             t.get("source", ""), *(num((t.get("config") or {}).get(k), 5) for k in keys),
+             num(t.get("eval_loss"), 4), t.get("status", "")] for t in trials],
+            align="ll" + "r" * (len(keys) + 1) + "l")
+    if s.get("train_loss") is not None:
+        lines += ["", f"SFT train loss {num(s['train_loss'], 4)}."]
+
+    # data
+    rejected = s.get("examples_rejected") or {}
+    planned = sum(1 for r in slice_table if r["kind"] == "planned")
+    lines += ["", "## Data", ""]
+    rows_cov = s.get("coverage_rows") or {}
+    lines += table(["", ""], [
+        ["coverage (labelled / planned rows)",
+         (f"**{num(s.get('coverage'))}** ({rows_cov.get('labelled_rows', '?')} of "
+         f"{(rows_cov.get('planned_rows') or 0) - (rows_cov.get('excluded_rows') or 0)}; "
+         f"{rows_cov.get('excluded_rows', 0)} copies of held-out rows excluded; "
+         f"{rows_cov.get('disputed_rows', 0)} left unlabelled after two judge rejections)")],
+        ["slices (agents)", (f"{planned} planned + {s.get('agent_retries', 0)} fresh agents "
+         f"over left rows + {s.get('topup_slices', 0)} top-up")],
+        ["examples accepted", s.get("examples_accepted")],
+        ["examples rejected by the gates", sum(rejected.values())],
+        ["curated for training", (f"{s.get('train_examples')} "
+                                  f"({s.get('duplicates_dropped', 0)} duplicate(s), "
+                                  f"{s.get('eval_copies_dropped', 0)} copy(ies) of held-out rows, "
+                                  f"{s.get('quota_trimmed', 0)} trimmed by the label quota)")],
+        ["agents re-anchored", s.get("reanchors", 0)],
+        ["largest agent context (tokens)", s.get("max_context_tokens", 0)],
+    ])
+    lines += ["", "Gate rejections by reason:" if rejected else "Gate rejections: none."]
+    if rejected:
+        lines += [""] + table(["reason", "count"], [[f"`{k}`", v] for k, v in rejected.items()])
+    misuse = s.get("tool_misuse") or {}
+    lines += ["", "Tool misuse:" if misuse else "Tool misuse: none."]
+    if misuse:
+        lines += [""] + table(["kind", "count"], [[f"`{k}`", v] for k, v in misuse.items()])
+    alarms = s.get("drift_alarms") or []
+    lines += ["", f"Drift alarms: {len(alarms)}." if alarms else "Drift alarms: none."]
+    if alarms:
+        lines += [""] + table(["slice", "at call", "time"], [
+            [a.get("slice_id"), a.get("at_call"), num(a.get("time"), 1)] for a in alarms])
+    stopped = s.get("agents_stopped") or {}
+    if stopped:
+        lines += ["", "Agents that stopped before finishing their slice:", ""]
+        lines += table(["slice", "stopped"], [[k, v] for k, v in stopped.items()], align="ll")
+    short = [c for c in s.get("coverage_by_slice") or [] if c.get("missing")]
+    if short:
+        lines += ["", "Slices with unlabelled rows:", ""]
+        lines += table(["slice", "labelled", "planned", "excluded", "coverage", "agents"], [
+            [c["slice_id"], c["labelled"], c["planned"], c["excluded"], num(c["coverage"]),
+             "; ".join(c.get("agents") or [])] for c in short], align="lrrrrl")
+
+    # labels
+    lines += ["", "## Label distribution", ""]
+    lines += label_table(stages, spec.task.labels)
+    tv = [("before top-up", s.get("label_tv_before")),
+          ("after top-up", s.get("label_tv_after_topup")), ("curated", s.get("label_tv_after"))]
+    if any(v is not None for _, v in tv):
+        target = spec.distribution.target
+        lines += ["", f"Distance to the target ({target if isinstance(target, str) else 'custom'}"
+                  f" shares, total variation, tolerance {spec.distribution.tolerance:g}): "
+                  + ", ".join(f"{n} {num(v)}" for n, v in tv) + "."]
+    else:
+        lines += ["", "No target distribution in the spec: labels measured, not balanced."]
+
+    # cost
+    by_role = s.get("cost_by_role") or {}
+    lines += ["", "## Cost", ""]
+    lines += table(["role", "USD"], [*([r, f"{v:.4f}"] for r, v in by_role.items()),
+                                      ["**total**", f"**{s.get('cost_usd', 0.0):.4f}**"]])
+    lines += ["", f"{s.get('llm_calls', 0)} LLM calls ({s.get('llm_errors', 0)} errors, "
+              f"{s.get('cache_hits', 0)} served from the call cache), "
+              f"{s.get('input_tokens', 0):,} input and {s.get('output_tokens', 0):,} output "
+              "tokens." + (" Simulated models are priced as the real ones they stand for."
+                           if simulated else "")]
+
+    # time and pictures
+    stages_s = s.get("stage_seconds") or {}
+    if stages_s:
+        lines += ["", f"Time: {num(s.get('wall_seconds'), 1)} s in all; "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in stages_s.items()) + "."]
+    if plot_links:
+        lines += ["", "Plots (MLflow): " + " · ".join(f"[{n}]({u})"
+                                                     for n, u in plot_links.items())]
+    return "\n".join(lines) + "\n"
