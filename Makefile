@@ -10,7 +10,7 @@ OUT    ?= runs/demo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo screenshot test lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ examples/news_topics/warehouse.db: | $(BIN)/.installed
 
 demo: install examples/news_topics/warehouse.db
 	$(BIN)/posttrain run $(SPEC) --out $(OUT)
+
+# the README's MLflow picture, from the demo's run (needs Debian's chromium)
+screenshot: install
+	$(BIN)/python docs/screenshots/mlflow_run.py --out $(OUT)
 
 test: install
 	$(BIN)/pytest
