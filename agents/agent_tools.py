@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from agents.answers import AnswerRule
+
 __all__ = ["MAX_SUBMIT", "SqlArgs", "SubmitArgs", "parse_arguments", "tool_specs"]
 
 MAX_SUBMIT = 100
@@ -29,7 +31,10 @@ class SubmitArgs(BaseModel):
     examples: list[Any] = Field(min_length=1, max_length=MAX_SUBMIT)  # items: the gate's job
 
 
-def tool_specs(table: str, labels: list[str]) -> list[dict]:
+def tool_specs(table: str, rule: AnswerRule) -> list[dict]:
+    """`sql` over the agent's table, and `submit_examples` of {row_id, <rule.field>} items
+    whose answer schema is the task kind's (a label enum, text bounds, a JSON Schema)."""
+    what = "labelled rows" if rule.field == "label" else "answered rows"
     return [
         {
             "type": "function",
@@ -49,7 +54,7 @@ def tool_specs(table: str, labels: list[str]) -> list[dict]:
             "type": "function",
             "function": {
                 "name": "submit_examples",
-                "description": f"Submit labelled rows (at most {MAX_SUBMIT} per call). Returns "
+                "description": f"Submit {what} (at most {MAX_SUBMIT} per call). Returns "
                 "{accepted, rejected: [{row_id, reason, message}]}.",
                 "parameters": {
                     "type": "object",
@@ -61,9 +66,9 @@ def tool_specs(table: str, labels: list[str]) -> list[dict]:
                                 "type": "object",
                                 "properties": {
                                     "row_id": {"type": ["string", "integer"]},
-                                    "label": {"type": "string", "enum": list(labels)},
+                                    rule.field: rule.item_schema(),
                                 },
-                                "required": ["row_id", "label"],
+                                "required": ["row_id", rule.field],
                                 "additionalProperties": False,
                             },
                         }

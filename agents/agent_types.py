@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.gates import COPY_OF_EVAL_ROW, INVALID_SCHEMA, LABEL_NOT_IN_SET
+from agents.answers import OFF_SPEC
+from agents.gates import COPY_OF_EVAL_ROW, INVALID_SCHEMA
 
 __all__ = ["DRIFT_SIGNALS", "JUDGE_DISAGREED", "REFUSED", "AgentConfig", "AgentResult"]
 
 JUDGE_DISAGREED = "judge_disagreed"
 # What counts as the agent straying from the spec. A duplicate, a row outside the slice or a
 # copy of a held-out row is bookkeeping or data, not drift, and must not trip the alarm; nor
-# does a label accepted after fixing its case (the gate normalises it).
-DRIFT_SIGNALS = {LABEL_NOT_IN_SET, INVALID_SCHEMA, JUDGE_DISAGREED}
+# does a label accepted after fixing its case (the gate normalises it). OFF_SPEC: the answer
+# rules' rejections (label_not_in_set, too_long, schema_violation ...).
+DRIFT_SIGNALS = {INVALID_SCHEMA, JUDGE_DISAGREED, *OFF_SPEC}
 # Rows an agent did submit, which the gate or the judge would not take: not the agent's gap.
 REFUSED = {COPY_OF_EVAL_ROW, JUDGE_DISAGREED}
 

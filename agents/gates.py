@@ -1,15 +1,19 @@
 """The gate every submitted example passes before it is kept.
 
-`Gate(labels)` is made once per agent run. `gate.check(item, row_lookup)` returns a
-`GateResult`; `ok` items are remembered, so the same row submitted again is a
-`duplicate`. Reasons, in the order they are checked:
+`Gate(rule)` is made once per agent run, `rule` being the task kind's answer rule
+(agents/answers.py: `LabelAnswer(labels)`, `TextAnswer(...)`, `JsonAnswer(schema)`).
+`gate.check(item, row_lookup)` returns a `GateResult`; `ok` items are remembered, so the same
+row submitted again is a `duplicate`. Reasons, in the order they are checked:
 
-    invalid_schema     not exactly {"row_id": str|int, "label": str}
-    label_not_in_set   the label is not one of the task's labels, even ignoring case and
-                       outer whitespace ("Tech " is taken as "tech", `normalised` is set)
+    invalid_schema     not exactly {"row_id": str|int, <rule.field>: <answer>}
+    (the rule's own)   e.g. label_not_in_set: the label is not one of the task's labels, even
+                       ignoring case and outer whitespace ("Tech " is taken as "tech",
+                       `normalised` is set); too_long, forbidden_pattern, schema_violation ...
     duplicate          this row was already accepted in this run
     row_not_in_slice   row_lookup(row_id) found no such row in the agent's slice
     copy_of_eval_row   the row's text equals a held-out evaluation row (`is_eval_copy`)
+    copies_prompt      (a rule that `uses_prompt`) the answer copies the row's prompt
+                       (`prompt_of(row)`)
 
 `gate.check_batch(items, rows_lookup)` checks a whole submission with ONE lookup of the rows
 it names (`rows_lookup(ids) -> {row_key(id): row}`), so a batch costs one indexed query, not
@@ -19,24 +23,30 @@ judge disagreeing, a re-review) call `gate.forget(row_id)` so the row can be lab
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, create_model
+
+from agents.answers import LABEL_NOT_IN_SET, AnswerRule
 
 INVALID_SCHEMA = "invalid_schema"
-LABEL_NOT_IN_SET = "label_not_in_set"
 DUPLICATE = "duplicate"
 ROW_NOT_IN_SLICE = "row_not_in_slice"
 COPY_OF_EVAL_ROW = "copy_of_eval_row"
 
+__all__ = ["COPY_OF_EVAL_ROW", "DUPLICATE", "INVALID_SCHEMA", "LABEL_NOT_IN_SET",
+           "ROW_NOT_IN_SLICE", "Gate", "GateResult", "one_by_one", "row_key"]
 
-class SubmittedExample(BaseModel):
-    """One item of a `submit_examples` call."""
 
-    model_config = ConfigDict(extra="forbid")
-    row_id: StrictStr | StrictInt
-    label: StrictStr
+def submitted_item(field: str) -> type[BaseModel]:
+    """One item of a `submit_examples` call: exactly a row id and the answer's field (a label
+    is a string; a response is text or, for extraction, an object)."""
+    value = StrictStr if field == "label" else StrictStr | dict[str, Any]
+    return create_model("SubmittedExample", __config__=ConfigDict(extra="forbid"),
+                        row_id=(StrictStr | StrictInt, ...), **{field: (value, ...)})
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,10 @@ class GateResult:
     reason: str | None = None
     message: str = ""
     row_id: str | int | None = None
-    label: str | None = None
+    label: str | None = None  # the answer as submitted or kept, as text
     row: dict | None = None  # the slice's row, for accepted items
     normalised: bool = False  # the label was accepted after fixing its case or whitespace
+    answer: Any = None  # the answer as kept (a label, a text, a parsed JSON object)
 
 
 def row_key(row_id: object) -> str:
@@ -67,22 +78,15 @@ def one_by_one(row_lookup: Callable[[str | int], dict | None]
 
 
 class Gate:
-    """Checks submitted items against the label set, the slice, and what was accepted."""
+    """Checks submitted items against the answer rule, the slice, and what was accepted."""
 
-    def __init__(self, labels: list[str],
-                 is_eval_copy: Callable[[dict], bool] | None = None):
-        if not labels:
-            raise ValueError("a gate needs a non-empty label set")
-        self.labels = list(labels)
-        self._label_set = set(labels)
-        folded: dict[str, list[str]] = {}
-        for label in labels:
-            folded.setdefault(label.strip().casefold(), []).append(label)
-        # only an unambiguous case/whitespace slip is fixed ("Tech" when "tech" and "TECH"
-        # are both labels stays a rejection)
-        self._folded = {k: v[0] for k, v in folded.items() if len(v) == 1}
+    def __init__(self, rule: AnswerRule, is_eval_copy: Callable[[dict], bool] | None = None,
+                 prompt_of: Callable[[dict], str] | None = None):
+        self.rule = rule
+        self._item = submitted_item(rule.field)
         self._accepted: set[str] = set()
         self._is_eval_copy = is_eval_copy
+        self._prompt_of = prompt_of
 
     def forget(self, row_id: str | int) -> None:
         """A row accepted here was rejected afterwards: let it be submitted again."""
@@ -106,36 +110,33 @@ class Gate:
         return [self._check_row(r, rows) if r.ok else r for r in first]
 
     def _check_fields(self, item: object) -> GateResult:
-        """Schema and label; ok=True means 'go on to the row checks'."""
+        """Shape and the answer rule; ok=True means 'go on to the row checks'."""
+        field = self.rule.field
         try:
-            ex = SubmittedExample.model_validate(item)
+            ex = self._item.model_validate(item)
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(map(str, err['loc'])) or 'item'}: {err['msg']}" for err in e.errors()
             )
             raw = item if isinstance(item, dict) else {}
+            shape = '"<label>"' if field == "label" else "<answer>"
             return GateResult(
                 False, INVALID_SCHEMA,
-                f"each example must be exactly {{\"row_id\": <id>, \"label\": \"<label>\"}} "
+                f"each example must be exactly {{\"row_id\": <id>, \"{field}\": {shape}}} "
                 f"({problems})",
                 row_id=raw.get("row_id") if isinstance(raw.get("row_id"), (str, int)) else None,
-                label=raw.get("label") if isinstance(raw.get("label"), str) else None,
+                label=raw.get(field) if isinstance(raw.get(field), str) else None,
             )
-        label, normalised = ex.label, False
-        if label not in self._label_set:
-            label = self._folded.get(label.strip().casefold())
-            if label is None:
-                return GateResult(
-                    False, LABEL_NOT_IN_SET,
-                    f"label {ex.label!r} is not one of: {', '.join(self.labels)}; "
-                    f"resubmit row {ex.row_id!r} with one of these, spelled exactly",
-                    row_id=ex.row_id, label=ex.label,
-                )
-            normalised = True
-        return GateResult(True, row_id=ex.row_id, label=label, normalised=normalised)
+        value = getattr(ex, field)
+        verdict = self.rule.check(value, row_id=ex.row_id)
+        if not verdict.ok:
+            return GateResult(False, verdict.reason, verdict.message, row_id=ex.row_id,
+                              label=_as_text(value), answer=verdict.answer)
+        return GateResult(True, row_id=ex.row_id, label=_as_text(verdict.answer),
+                          normalised=verdict.normalised, answer=verdict.answer)
 
     def _check_row(self, r: GateResult, rows: dict[str, dict]) -> GateResult:
-        fields = {"row_id": r.row_id, "label": r.label}
+        fields = {"row_id": r.row_id, "label": r.label, "answer": r.answer}
         key = row_key(r.row_id)
         if key in self._accepted:
             return GateResult(
@@ -158,5 +159,16 @@ class Gate:
                 f"for training; skip it",
                 **fields,
             )
+        if self.rule.uses_prompt and self._prompt_of is not None:
+            verdict = self.rule.check(r.answer, prompt=self._prompt_of(row), row_id=r.row_id)
+            if not verdict.ok:
+                return GateResult(False, verdict.reason, verdict.message, **fields)
         self._accepted.add(key)
         return GateResult(True, None, "accepted", row=row, normalised=r.normalised, **fields)
+
+
+def _as_text(value: object) -> str | None:
+    """An answer as the store and the agent's events hold it: text (objects as JSON)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)

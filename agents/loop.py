@@ -80,7 +80,7 @@ class _Agent:
         self.agent, self.slice_id = agent_name, slice_id
         self.judge: Judge | None = judge
         self.drift: DriftPolicy | None = drift
-        self.tools = tool_specs(sql_tool.scoped.name, task["labels"])
+        self.tools = tool_specs(sql_tool.scoped.name, gate.rule)
         self.memory = AgentMemory(config.memory_budget_tokens)
         self.result = AgentResult(stopped_reason="max_turns")
         for message in build_messages(skill, task, sql_tool):

@@ -41,12 +41,13 @@ from agents.skills import load_skill
 from agents.sql_tool import ScopedTable, SQLTool
 from flows import coverage, distribution
 from flows.agent_runners import EventLoopRunner, sub_agent_runner
+from flows.kinds import kind_of
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
 from flows.slicing import SliceDescriptor, fetch_slice_rows, slice_source, without_rows
 from flows.spec import Spec, load_spec
 from flows.store import Store
-from flows.warehouse import iter_eval_rows, render_completion, render_prompt, shared_engine
+from flows.warehouse import iter_eval_rows, render_prompt, shared_engine
 
 
 # ── the stage ───────────────────────────────────────────────────────────────────────────────
@@ -101,6 +102,7 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
     progress = Progress.get(progress_id)  # a no-op in a Dask worker: the bars live in the flow
     store.update_slice(run_id, descriptor.slice_id, status="running", agent=agent)
     held_out = held_out_prompts(settings.spec_path)
+    kind = kind_of(spec)  # the answer's format and rules, the completion it trains
 
     def on_examples(events: list[dict]) -> None:
         """One agent turn's examples, written in order, each run of additions in one
@@ -119,7 +121,7 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
             batch.append({
                 "slice_id": descriptor.slice_id, "row_id": str(event["row_id"]),
                 "prompt": render_prompt(spec, row) if row else "",
-                "completion": render_completion(spec, label) if label else "",
+                "completion": kind.completion(label) if label else "",
                 "label": None if label is None else str(label), "status": event["status"],
                 "reason": event.get("reason"), "agent": agent,
                 "model": spec.llm.generator.model})
@@ -143,7 +145,8 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
         sql_tool=SQLTool(engine, ScopedTable(
             descriptor.table, descriptor.columns, *slice_source(engine, descriptor),
             id_column=descriptor.id_column), row_limit=g.sql_row_limit),
-        gate=Gate(spec.task.labels, is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
+        gate=Gate(kind.answer_rule(), prompt_of=lambda row: render_prompt(spec, row),
+                  is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
         rows_lookup=lambda row_ids: fetch_slice_rows(engine, descriptor, row_ids),
         on_examples=on_examples,
         agent_name=agent,

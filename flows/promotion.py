@@ -15,10 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from agents.skills import load_skill
 from flows import tracking
 from flows.approval import ask_approval
-from flows.evaluation import model_metrics
+from flows.kinds import kind_of
 from flows.run_lifecycle import PostTrainingRun
 from flows.spec import Spec
-from training.registry import decide_promotion, git_commit, register_model
+from training.registry import git_commit, register_model
 from training.registry import promote as promote_model
 
 
@@ -26,7 +26,7 @@ def register_and_promote(run: PostTrainingRun, final_dir: Path, ev: dict, datase
                          pairs: dict | None, dpo: dict | None) -> dict:
     """Log the final model's figures, register it with its lineage, decide and promote."""
     spec, mlflow_run_id = run.spec, run.mlflow_run_id
-    metrics = model_metrics(ev, dpo)
+    metrics = kind_of(spec).metrics(ev, dpo)
     tracking.log_metrics(run.client, mlflow_run_id, metrics)
     calls = run.store.call_totals(run.id)
     version = register(spec, final_dir, mlflow_run_id, metrics, tags={
@@ -60,20 +60,15 @@ def promote(spec: Spec, version: str, decision: dict) -> dict:
 
 
 def decide(spec: Spec, version: str, ev: dict, mlflow_run_id: str) -> tuple[dict, dict | None]:
-    """The spec's rule on this run's held-out rows, then a person's answer when it asks one."""
-    rule = spec.evaluation.promotion
-    baseline = ev["majority_baseline"] if rule.metric == "accuracy" else ev["majority_macro_f1"]
-    decision = decide_promotion(ev["final"], ev["champion"], metric=rule.metric,
-                                min_improvement=rule.min_improvement,
-                                max_label_drop=rule.max_label_drop, baseline=baseline,
-                                min_over_baseline=rule.min_over_baseline)
+    """The spec's rule on this run's held-out rows (the task kind's), then a person's answer
+    when it asks one."""
+    rule, kind = spec.evaluation.promotion, kind_of(spec)
+    decision = kind.decide(ev)
     if not (decision["promote"] and rule.require_approval):
         return decision, None
-    champion = (f"champion {ev['champion'][rule.metric]:.3f}" if ev["champion"]
-                else "no champion yet")
     question = (f"Promote {spec.tracking.registered_model} v{version} to champion? "
-                f"{rule.metric} {ev['final'][rule.metric]:.3f} vs {champion} on {ev['n']} "
-                f"held-out rows; rule: {decision['reason']}. MLflow run {mlflow_run_id}.")
+                f"{kind.compare(ev)} on {ev['n']} held-out rows; rule: {decision['reason']}. "
+                f"MLflow run {mlflow_run_id}.")
     approval = ask_approval(question, timeout_s=rule.approval_timeout_minutes * 60)
     return approval.applied_to(decision), approval.as_dict()
 

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from agents.agent_types import AgentConfig
+from agents.answers import LabelAnswer
 from agents.drift import DriftMonitor, DriftPolicy, DriftSettings
 from agents.gates import Gate
 from agents.gateway import LLMGateway, MemoryCache
@@ -71,7 +72,7 @@ def run(url: str | None, engine, *, api="openai", api_key="test-key", max_turns=
         skill=load_skill("label-examples"),
         task={"description": "Label a BBC News article with its topic.", "labels": LABELS,
               "slice_id": f"region={REGION}", "rows": rows, "page_size": PAGE},
-        sql_tool=tool, gate=Gate(LABELS), row_lookup=tool.lookup_row,
+        sql_tool=tool, gate=Gate(LabelAnswer(LABELS)), row_lookup=tool.lookup_row,
         on_example=examples.append, agent_name="agent-europe", slice_id=f"region={REGION}",
         judge=judge, drift=drift,
     )
@@ -315,7 +316,7 @@ def test_tool_misuse_goes_back_as_tool_errors(engine, gold):
 # ── the gate and the skill loader on their own ─────────────────────────────────────────────
 def test_gate_reasons_and_messages():
     rows = {1: {"id": 1}, 2: {"id": 2}}
-    gate = Gate(LABELS)
+    gate = Gate(LabelAnswer(LABELS))
     lookup = rows.get
     assert gate.check({"row_id": 1, "label": "tech"}, lookup).ok
     assert gate.check({"row_id": 1, "label": "tech"}, lookup).reason == "duplicate"

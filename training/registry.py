@@ -8,6 +8,9 @@
                                 max_label_drop=0.05)
     promote("news-topics-classifier", version, decision)
 
+Text answers are promoted on a judge's pairwise verdicts instead, read by their confidence
+bound: `decide_win_rate_promotion(versus_champion, versus_base, min_rows=..., min_lower_bound=...)`.
+
 The model is logged with `mlflow.transformers.log_model` (model + tokenizer, task
 text-generation) into the given run and registered in one step; its metrics and tags become
 model-version tags. The champion is judged by evaluating its own downloaded model on the
@@ -168,6 +171,47 @@ def decide_promotion(
     if max_label_drop is not None:
         reason += f"; no label's F1 dropped by more than {max_label_drop:g}"
     return {"promote": True, "reason": reason}
+
+
+def decide_win_rate_promotion(
+    versus_champion: dict | None,
+    versus_base: dict,
+    *,
+    min_rows: int,
+    min_lower_bound: float,
+    candidate_reference: float | None = None,
+    champion_reference: float | None = None,
+    reference_metric: str = "rouge_l",
+    max_reference_drop: float | None = None,
+) -> dict:
+    """The rule for text answers: a judge's pairwise verdicts (`training.text_eval.win_rate`
+    results), read by their confidence bound, never by the bare rate.
+
+    The candidate must have been compared on at least `min_rows` held-out rows, and the lower
+    bound of its win-rate must reach `min_lower_bound`: against the champion when there is one,
+    else against the base model. Where the task has references, its `reference_metric` may not
+    fall more than `max_reference_drop` below the champion's. Returns {promote, reason}; the
+    reason names every failing figure."""
+    against, verdicts = (("champion", versus_champion) if versus_champion is not None
+                         else ("base model", versus_base))
+    failures = []
+    if verdicts["n"] < min_rows:
+        failures.append(f"compared with the {against} on {verdicts['n']} held-out rows, "
+                        f"fewer than the {min_rows} the rule needs")
+    shown = (f"win-rate {verdicts['win_rate']:.3f} against the {against} "
+             f"({verdicts['wins']} wins, {verdicts['losses']} losses, {verdicts['ties']} "
+             f"ties), {verdicts['confidence']:.0%} lower bound {verdicts['lower']:.3f}")
+    if not verdicts["lower"] >= min_lower_bound - EPS:
+        failures.append(f"{shown} < {min_lower_bound:g}")
+    if (max_reference_drop is not None and candidate_reference is not None
+            and champion_reference is not None
+            and champion_reference - candidate_reference > max_reference_drop + EPS):
+        failures.append(f"{reference_metric} {candidate_reference:.3f} < champion "
+                        f"{champion_reference:.3f} - {max_reference_drop:g}")
+    if failures:
+        return {"promote": False, "reason": "; ".join(failures)}
+    return {"promote": True, "reason": f"{shown} >= {min_lower_bound:g}"
+            + ("" if versus_champion is not None else " (no champion yet)")}
 
 
 def promote(registered_name: str, version: str | int, decision: dict) -> dict:
