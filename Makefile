@@ -1,4 +1,5 @@
-# posttrain: `make demo` runs the whole pipeline on the demo spec; `make test` runs the tests.
+# posttrain: `make demo` runs the whole pipeline on the demo spec (`make demo-headlines`: the
+# generation demo); `make test` runs the tests.
 # Both create .venv if it is missing. torch==2.13.0 is installed first (a local CPU build on
 # this machine) and constraints.txt keeps anything else from swapping it.
 
@@ -10,7 +11,7 @@ OUT    ?= runs/demo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install demo screenshot test lint clean
+.PHONY: install demo demo-headlines screenshot test lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ examples/news_topics/warehouse.db: | $(BIN)/.installed
 
 demo: install examples/news_topics/warehouse.db
 	$(BIN)/posttrain run $(SPEC) --out $(OUT)
+
+# the second demo: a generation task on the same warehouse (write the headline of an article)
+demo-headlines: install examples/news_topics/warehouse.db
+	$(BIN)/posttrain run examples/news_headlines/spec.yaml --out $(or $(HEADLINES_OUT),runs/headlines)
 
 # the README's MLflow picture, from the demo's run (needs Debian's chromium)
 screenshot: install

@@ -31,11 +31,13 @@ MISSING_PATTERN = "missing_pattern"
 COPIES_PROMPT = "copies_prompt"
 INVALID_JSON = "invalid_json"
 SCHEMA_VIOLATION = "schema_violation"
+NEAR_DUPLICATE = "near_duplicate"  # the gate's: the answer repeats one accepted for another row
 
 # Reasons that mean the answer is off the spec (what the drift test counts), beside the
 # gate's own invalid_schema.
 OFF_SPEC = frozenset({LABEL_NOT_IN_SET, EMPTY_ANSWER, TOO_SHORT, TOO_LONG, FORBIDDEN_PATTERN,
-                      MISSING_PATTERN, COPIES_PROMPT, INVALID_JSON, SCHEMA_VIOLATION})
+                      MISSING_PATTERN, COPIES_PROMPT, INVALID_JSON, SCHEMA_VIOLATION,
+                      NEAR_DUPLICATE})
 
 
 @dataclass(frozen=True)

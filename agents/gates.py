@@ -14,23 +14,31 @@ row submitted again is a `duplicate`. Reasons, in the order they are checked:
     copy_of_eval_row   the row's text equals a held-out evaluation row (`is_eval_copy`)
     copies_prompt      (a rule that `uses_prompt`) the answer copies the row's prompt
                        (`prompt_of(row)`)
+    near_duplicate     (with a `near_duplicates` index, agents/text_diversity.py) the answer is
+                       near-identical to one accepted for another row (a pasted headline, a
+                       recycled template); within a batch the first of two is accepted
 
 `gate.check_batch(items, rows_lookup)` checks a whole submission with ONE lookup of the rows
 it names (`rows_lookup(ids) -> {row_key(id): row}`), so a batch costs one indexed query, not
 one per item. Each rejection's `message` tells the agent how to fix it. Rejections decided later (the
-judge disagreeing, a re-review) call `gate.forget(row_id)` so the row can be labelled again.
+judge disagreeing, a re-review) call `gate.forget(row_id)` so the row can be labelled again (its
+answer leaves the near-duplicate index too).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, create_model
 
-from agents.answers import LABEL_NOT_IN_SET, AnswerRule
+from agents.answers import LABEL_NOT_IN_SET, NEAR_DUPLICATE, AnswerRule
+
+if TYPE_CHECKING:  # datasketch takes ~0.6 s to import; only a gate given an index needs it
+    from agents.text_diversity import NearDuplicates
 
 INVALID_SCHEMA = "invalid_schema"
 DUPLICATE = "duplicate"
@@ -38,7 +46,7 @@ ROW_NOT_IN_SLICE = "row_not_in_slice"
 COPY_OF_EVAL_ROW = "copy_of_eval_row"
 
 __all__ = ["COPY_OF_EVAL_ROW", "DUPLICATE", "INVALID_SCHEMA", "LABEL_NOT_IN_SET",
-           "ROW_NOT_IN_SLICE", "Gate", "GateResult", "one_by_one", "row_key"]
+           "NEAR_DUPLICATE", "ROW_NOT_IN_SLICE", "Gate", "GateResult", "one_by_one", "row_key"]
 
 
 def submitted_item(field: str) -> type[BaseModel]:
@@ -81,16 +89,25 @@ class Gate:
     """Checks submitted items against the answer rule, the slice, and what was accepted."""
 
     def __init__(self, rule: AnswerRule, is_eval_copy: Callable[[dict], bool] | None = None,
-                 prompt_of: Callable[[dict], str] | None = None):
+                 prompt_of: Callable[[dict], str] | None = None,
+                 near_duplicates: NearDuplicates | None = None):
         self.rule = rule
         self._item = submitted_item(rule.field)
         self._accepted: set[str] = set()
         self._is_eval_copy = is_eval_copy
         self._prompt_of = prompt_of
+        self._near = near_duplicates  # accepted answers, keyed by row_key
+        self._shown_ids: dict[str, str | int] = {}  # row_key -> the row id as submitted
+        self._prompts: dict[str, str | None] = {}  # row_key -> its prompt (near-duplicates)
 
     def forget(self, row_id: str | int) -> None:
         """A row accepted here was rejected afterwards: let it be submitted again."""
-        self._accepted.discard(row_key(row_id))
+        key = row_key(row_id)
+        self._accepted.discard(key)
+        if self._near is not None:
+            self._near.remove(key)
+            self._shown_ids.pop(key, None)
+            self._prompts.pop(key, None)
 
     @property
     def accepted_count(self) -> int:
@@ -163,8 +180,27 @@ class Gate:
             verdict = self.rule.check(r.answer, prompt=self._prompt_of(row), row_id=r.row_id)
             if not verdict.ok:
                 return GateResult(False, verdict.reason, verdict.message, **fields)
+        if self._near is not None and r.label is not None:
+            # the same answer for a row whose prompt is the same (a warehouse that holds one
+            # article twice) is right, not recycled
+            prompt = self._prompt_of(row) if self._prompt_of is not None else None
+            hit = self._near.find(r.label, key=key)
+            if hit is not None and (prompt is None or self._prompts.get(hit[0]) != prompt):
+                return GateResult(False, NEAR_DUPLICATE, self._near_message(r.row_id, *hit),
+                                  **fields)
+            self._near.add(key, r.label)
+            self._shown_ids[key] = r.row_id
+            self._prompts[key] = prompt
         self._accepted.add(key)
         return GateResult(True, None, "accepted", row=row, normalised=r.normalised, **fields)
+
+    def _near_message(self, row_id: str | int, other: str, similarity: float) -> str:
+        text = " ".join((self._near.text_of(other) or "").split())
+        quoted = text if len(text) <= 80 else text[:79].rstrip() + "…"
+        percent = math.floor(similarity * 100 + 1e-9)
+        return (f"row {row_id!r}: your answer is {percent}% the same as the one accepted for "
+                f"row {self._shown_ids.get(other, other)!r} (\"{quoted}\"): write an answer "
+                f"specific to this row")
 
 
 def _as_text(value: object) -> str | None:

@@ -59,7 +59,7 @@ from agents.agent_types import (
 from agents.drift import DriftPolicy
 from agents.gates import Gate, GateResult, one_by_one, row_key
 from agents.gateway import BudgetExceeded, LLMGateway
-from agents.judge import Judge, should_sample
+from agents.judge import Judge, RubricJudge, should_sample
 from agents.memory import AgentMemory
 from agents.providers import Completion, ProviderError, run_on_own_loop
 from agents.skills import Skill
@@ -168,10 +168,8 @@ class _Agent:
             review = verdicts.get(str(v.row_id))
             if review is not None and review.agree is False:
                 self.gate.forget(v.row_id)
-                rejected.append(self.reject(
-                    v.row_id, v.label, JUDGE_DISAGREED,
-                    f"a reviewer disagreed with {v.label!r} for row {v.row_id!r}; read the "
-                    f"row again and resubmit the right label"))
+                rejected.append(self.reject(v.row_id, v.label, JUDGE_DISAGREED,
+                                            self.disagreement(v, review)))
                 continue
             accepted += 1
             self.accept(v, judged=review is not None and review.agree is True)
@@ -195,6 +193,14 @@ class _Agent:
             self.unjudged.append({"row_id": v.row_id, "label": v.label, "row": v.row})
         self.events.append({"agent": self.agent, "row_id": v.row_id, "label": v.label,
                          "row": v.row, "status": "accepted"})
+
+    def disagreement(self, v: GateResult, review: Any) -> str:
+        """What the agent is told when the judge turns its answer down."""
+        if isinstance(self.judge, RubricJudge):  # scored under the rubric's bar, with why
+            return (f"a reviewer scored your answer for row {v.row_id!r} under the bar: "
+                    f"{review.reason}; read the row again and write a better answer")
+        return (f"a reviewer disagreed with {v.label!r} for row {v.row_id!r}; read the "
+                f"row again and resubmit the right label")
 
     def reject(self, row_id, label, reason: str, message: str) -> dict:
         self.result.rejected[reason] = self.result.rejected.get(reason, 0) + 1

@@ -147,17 +147,18 @@ def cmd_teacher(args: argparse.Namespace) -> int:
             return 2
         config = {"warehouse_url": spec.warehouse.url, "table": spec.slicing.table,
                   "id_column": spec.slicing.id_column, "gold_column": spec.task.gold_column,
-                  "labels": spec.task.labels}
+                  "labels": spec.task.labels or [], "kind": spec.task.kind}
         knobs = spec.llm.simulated.model_dump()
     given = {"warehouse_url": args.warehouse, "table": args.table, "id_column": args.id_column,
              "gold_column": args.gold_column,
              "labels": args.labels.split(",") if args.labels else None}
     config.update({k: v for k, v in given.items() if v is not None})
+    text = config.get("kind", "classification") != "classification"
     knobs.update({k: v for k, v in {"error_rate": args.error_rate,
                                     "off_spec_rate": args.off_spec_rate,
                                     "seed": args.seed}.items() if v is not None})
-    missing = [k for k in ("warehouse_url", "table", "id_column", "gold_column", "labels")
-               if k not in config]
+    missing = [k for k in ("warehouse_url", "table", "id_column", "gold_column",
+                           *(() if text else ("labels",))) if config.get(k) is None]
     if missing:
         print("teacher: missing " + ", ".join("--" + m.replace("_url", "").replace("_", "-")
                                              for m in missing) + " (or pass --spec SPEC)",
@@ -165,8 +166,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         return 2
     knobs = TeacherKnobs(**knobs)
     print(f"posttrain SIMULATED teacher on http://{args.host}:{args.port}/v1 (OpenAI chat "
-          f"completions) and http://{args.host}:{args.port} (Anthropic messages); labels from "
-          f"{config['gold_column']} with {knobs.error_rate:.0%} noise", flush=True)
+          f"completions) and http://{args.host}:{args.port} (Anthropic messages); "
+          f"{'answers' if text else 'labels'} from {config['gold_column']} with "
+          f"{knobs.error_rate:.0%} noise", flush=True)
     serve_forever(TeacherConfig(**config, knobs=knobs, api_key=args.api_key,
                                 request_log=args.request_log), host=args.host, port=args.port)
     return 0

@@ -1,20 +1,21 @@
 """The curate stage: the store's accepted examples made into the training set.
 
-Exact duplicates go, copies of held-out prompts go (they would inflate accuracy), the label
-quota closes whatever gap to the spec's target the top-up rounds left; the set is written as
+Exact duplicates go, copies of held-out prompts go (they would inflate accuracy), then the
+task kind's own curation (classification: the label quota closes whatever gap to the spec's
+target the top-up rounds left; generation: near-duplicate answers go); the set is written as
 `<out>/data/train.jsonl` and logged to the parent MLflow run as a dataset with its digest.
 """
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import distribution, tracking
+from flows import tracking
 from flows.generation import held_out_prompts
+from flows.kinds import kind_of
 from flows.spec import Spec
 from flows.store import shared_store
 
@@ -35,14 +36,8 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
         else:
             kept.append(ex)
         seen.add(ex["content_hash"])
-    labels = spec.task.labels
-    target = distribution.target_shares(spec.distribution.target, labels)
-    counts = Counter(ex["label"] for ex in kept)
-    tv_before_quota = distribution.tv_distance(
-        distribution.shares(counts, labels), target) if target else None
-    if target:  # whatever gap the top-up rounds left, a quota closes
-        kept = distribution.quota(kept, target, spec.distribution.tolerance)
-    final_counts = Counter(ex["label"] for ex in kept)
+    before_kind = len(kept)
+    kept, figures = kind_of(spec).curate(kept)  # a label quota, near-duplicate answers ...
     if not kept:
         raise RuntimeError("no accepted examples to train on: see the rejections in the store")
     path = out_dir / "data" / "train.jsonl"
@@ -51,12 +46,10 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
                                        ensure_ascii=False) + "\n" for k in kept))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     tracking.log_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
-    trimmed = len(examples) - duplicates - leaks - len(kept)
+    trimmed = before_kind - len(kept)
     get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows, "
-                          "%d trimmed by the label quota), sha256 %s", len(kept), duplicates,
-                          leaks, trimmed, digest[:16])
+                          "%d trimmed by the %s task's curation), sha256 %s", len(kept),
+                          duplicates, leaks, trimmed, spec.task.kind, digest[:16])
     return {"path": str(path), "n": len(kept), "duplicates": duplicates, "eval_copies": leaks,
-            "quota_trimmed": trimmed, "sha256": digest, "label_counts": dict(final_counts),
-            "tv_before_quota": tv_before_quota,
-            "tv_after": distribution.tv_distance(distribution.shares(final_counts, labels),
-                                                 target) if target else None}
+            "quota_trimmed": trimmed, "sha256": digest, "label_counts": {}, "tv_after": None,
+            **figures}

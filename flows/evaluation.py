@@ -15,6 +15,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.kinds import kind_of
+from flows.kinds.text import OUTPUTS
+from flows.runtime import RuntimeSettings, get_runtime
 from flows.spec import Spec
 from flows.warehouse import fetch_eval_rows, shared_engine
 from training.registry import champion_model_dir, champion_version
@@ -22,9 +24,11 @@ from training.registry import champion_model_dir, champion_version
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
-             sft_dir: Path | None = None) -> dict:
+             sft_dir: Path | None = None, settings: RuntimeSettings | None = None) -> dict:
     """Base, final, SFT-only and champion models on the same held-out rows; returns
-    {n, base, sft, final, champion, champion_version, <the kind's baseline figures>}."""
+    {n, base, sft, final, champion, champion_version, <the kind's baseline figures>,
+    <the kind's judged comparisons: versus_base, versus_champion for text answers>}.
+    `settings`: the run's LLM runtime, for a kind whose models a judge compares."""
     kind = kind_of(spec)
     rows = fetch_eval_rows(spec, shared_engine(spec.warehouse.url))
     base = kind.score(out_dir / "model" / "base", rows)
@@ -37,8 +41,9 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
     champion = kind.score(champion_dir, rows) if champion_dir else None
     ev = {"n": len(rows), "base": base, "sft": sft, "final": final, "champion": champion,
           "champion_version": champion_v, **kind.baseline(rows)}
+    ev |= kind.head_to_head(ev, rows, get_runtime(settings) if settings else None)
     (out_dir / "eval.json").write_text(json.dumps(
-        {k: v for k, v in ev.items() if k != "n"}, indent=2))
+        {k: _figures(v) for k, v in ev.items() if k != "n"}, indent=2, default=str))
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient()
@@ -46,3 +51,11 @@ def evaluate(spec: Spec, out_dir: Path, mlflow_run_id: str, final_dir: Path,
         client.log_artifact(mlflow_run_id, str(path), "eval")
     get_run_logger().info(kind.describe(ev))
     return ev
+
+
+def _figures(value):
+    """A model's scores without its decoded answers (eval/outputs.jsonl holds those), a
+    judged comparison without its per-row verdicts."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in (OUTPUTS, "per_row")}
+    return value

@@ -139,14 +139,14 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
                            seed=spec.llm.simulated.seed),
         skill=load_skill(spec.task.skill),
         task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
-              "labels": spec.task.labels, "page_size": g.page_size,
-              "description": spec.task.description, "want_labels": want_labels or [],
-              "previous": handover},
+              "page_size": g.page_size, "description": spec.task.description,
+              "want_labels": want_labels or [], "previous": handover, **kind.agent_task()},
         sql_tool=SQLTool(engine, ScopedTable(
             descriptor.table, descriptor.columns, *slice_source(engine, descriptor),
             id_column=descriptor.id_column), row_limit=g.sql_row_limit),
         gate=Gate(kind.answer_rule(), prompt_of=lambda row: render_prompt(spec, row),
-                  is_eval_copy=lambda row: render_prompt(spec, row) in held_out),
+                  is_eval_copy=lambda row: render_prompt(spec, row) in held_out,
+                  near_duplicates=kind.near_duplicates()),
         rows_lookup=lambda row_ids: fetch_slice_rows(engine, descriptor, row_ids),
         on_examples=on_examples,
         agent_name=agent,
@@ -315,7 +315,7 @@ def rebalance(spec: Spec, store: Store, run_id: str, slices: list[SliceDescripto
               runner: TaskRunner | EventLoopRunner | None = None) -> dict:
     """Measure the labels against the target; top up the under-represented ones (on `runner`
     when given, else on a runner of the spec's choice per round)."""
-    labels = spec.task.labels
+    labels = spec.task.labels or []
     target = distribution.target_shares(spec.distribution.target, labels)
 
     def measure() -> tuple[Counter, float | None]:

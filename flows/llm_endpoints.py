@@ -38,13 +38,14 @@ def llm_endpoints(spec: Spec, out: Path) -> Iterator[dict[str, str | None]]:
     server = TeacherServer(TeacherConfig(
         warehouse_url=spec.warehouse.url, table=spec.slicing.table,
         id_column=spec.slicing.id_column, gold_column=spec.task.gold_column,
-        labels=spec.task.labels, knobs=spec.llm.simulated,
+        labels=spec.task.labels or [], kind=spec.task.kind, knobs=spec.llm.simulated,
         request_log=str(out / "teacher_requests.jsonl"),
     ))
     base = server.start()  # http://127.0.0.1:PORT/v1
     try:
+        gold = "gold labels" if spec.task.kind == "classification" else "gold answers"
         print(f"No real LLM for {', '.join(simulated)}: posttrain's SIMULATED teacher at "
-              f"{base} answers (gold labels with {spec.llm.simulated.error_rate:.0%} noise).")
+              f"{base} answers ({gold} with {spec.llm.simulated.error_rate:.0%} noise).")
         # the OpenAI SDK wants the /v1 base, the Anthropic SDK the root
         yield {name: (base if role.api == "openai" else base.removesuffix("/v1"))
                if role.simulated else role.endpoint

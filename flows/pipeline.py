@@ -109,7 +109,7 @@ def post_training(
         if spec.dpo.enabled:  # agents write preference pairs; DPO starts from the SFT model
             with stage("pairs"):
                 pairs = write_pairs(spec, dataset, settings, run.store_url, run.id, out,
-                                    run.mlflow_run_id)
+                                    run.mlflow_run_id, sft_dir)
             with stage("dpo", "preference training (TRL DPO via accelerate)",
                        spec.dpo.max_steps, bar_key="train"):
                 dpo = train_dpo(spec, pairs, sft_dir, out, run.mlflow_uri, run.mlflow_run_id,
@@ -117,7 +117,7 @@ def post_training(
             final_dir = Path(dpo["final_dir"])
 
         with stage("evaluate"):
-            ev = evaluate(spec, out, run.mlflow_run_id, final_dir, sft_dir)
+            ev = evaluate(spec, out, run.mlflow_run_id, final_dir, sft_dir, settings)
         with stage("promote"):
             decision = register_and_promote(run, final_dir, ev, dataset, pairs, dpo)
 

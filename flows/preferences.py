@@ -26,16 +26,15 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from agents.pairs import Pair, PairsResult, PairWriter
-from agents.skills import load_skill
+from agents.pairs import Pair, PairsResult
 from flows import tracking
+from flows.kinds import kind_of
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
 from flows.spec import Spec
 from flows.store import shared_store
 from training.launch import launch_training
 
-SKILL = "write-preference-pairs"
 NOT_IN_STORE = "not_in_store"  # a curated line with no accepted example (so no row id)
 
 
@@ -94,17 +93,15 @@ def _write_jsonl(path: Path, pairs: list[Pair]) -> str:
 # ── preference pairs ─────────────────────────────────────────────────────────────────────────
 @task(name="write-pairs", cache_policy=NO_CACHE)
 def write_pairs(spec: Spec, dataset: dict, settings: RuntimeSettings, store_url: str,
-                run_id: str, out_dir: Path, mlflow_run_id: str) -> dict:
-    """Pairs for the curated examples, gated, split train/held-out, written and logged."""
+                run_id: str, out_dir: Path, mlflow_run_id: str,
+                sft_dir: Path | None = None) -> dict:
+    """Pairs for the curated examples, gated, split train/held-out, written and logged. The
+    task kind makes them (classification: agents write a chosen and a rejected label; text
+    answers: the curated answer against the SFT model's own in `sft_dir`, judged)."""
     d = spec.dpo
     items, unmatched = pair_sources(dataset["path"], shared_store(store_url).accepted_examples(
         run_id), d.max_pairs)
-    role = spec.llm.generator  # the bulk goes to the cheap model
-    writer = PairWriter(get_runtime(settings).gateways["generator"], model=role.model,
-                        skill=load_skill(SKILL), labels=spec.task.labels,
-                        completion_template=spec.task.completion_template,
-                        description=spec.task.description, temperature=role.temperature,
-                        max_tokens=role.max_tokens)
+    writer = kind_of(spec).pair_writer(get_runtime(settings), sft_dir, items)
     batches = [items[i : i + d.pairs_per_call] for i in range(0, len(items), d.pairs_per_call)]
 
     def one(numbered: tuple[int, list[dict]]) -> PairsResult:

@@ -75,5 +75,6 @@ def decide(spec: Spec, version: str, ev: dict, mlflow_run_id: str) -> tuple[dict
 
 def _skills(spec: Spec) -> str:
     """The skills this run's agents followed, as name@version (lineage of the data)."""
-    names = [spec.task.skill] + (["review-examples"] if spec.llm.judge is not None else [])
+    names = [spec.task.skill] + (list(kind_of(spec).judge_skills) if spec.llm.judge is not None
+                                 else [])
     return ",".join(f"{n}@{load_skill(n).version}" for n in names)

@@ -31,6 +31,6 @@ def render_prompt(spec: Spec, row: Mapping) -> str:
 def render_completion(spec: Spec, label: str) -> str:
     """The training completion for a label, e.g. ' tech' for the template ' {label}'."""
     try:
-        return spec.task.completion_template.format(label=label)
+        return spec.task.completion_template.format(label=label, answer=label)
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise RenderError(f"task.completion_template: cannot render label {label!r} ({e})") from None

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 from agents.drift import DriftMonitor, DriftPolicy, DriftSettings, FleetBaseline
 from agents.gateway import LLMGateway
-from agents.judge import Judge
 from agents.ledger import CostLedger, load_prices
 from agents.provider_factory import make_provider
 from agents.ratelimit import limiter_for
-from agents.skills import load_skill
 from flows.spec import Spec, load_spec
 from flows.spec_llm import Role
 from flows.store import shared_store
@@ -95,12 +93,12 @@ class Runtime:
         # agents (agents/drift.py)
         self.drift_settings = DriftSettings(**self.spec.generation.drift.model_dump())
         self.fleet = FleetBaseline(self.drift_settings)
+        # the judge reviews what agents submit: labels, or answers against the task's rubric
         self.judge = None
         if llm.judge is not None:
-            self.judge = Judge(self.gateways["judge"], model=llm.judge.model,
-                               skill=load_skill("review-examples"), labels=self.spec.task.labels,
-                               temperature=llm.judge.temperature,
-                               max_tokens=llm.judge.max_tokens)
+            from flows.kinds import kind_of  # the kinds import training code: load it late
+
+            self.judge = kind_of(self.spec).judge(self.gateways["judge"], llm.judge)
 
     def _record(self, record: dict) -> None:
         self.store.record_call(self.settings.run_id, **record,

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import string
 from pathlib import Path
 from typing import Literal
 
@@ -28,10 +27,12 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from flows.spec_base import FieldError, Strict
 from flows.spec_generation import Drift, Generation
 from flows.spec_llm import LLM, Budget, Price, RateLimit, Role
+from flows.spec_task import AnswerRules, Criterion, Rubric, Task
 from flows.spec_training import DPO, Lora, Student, TinyModel, Training, Tuning
 
-__all__ = ["DPO", "LLM", "Budget", "Drift", "Generation", "Lora", "Price", "RateLimit",
-           "Role", "Student", "TinyModel", "Training", "Tuning"]  # re-exported: the sections live in their files
+__all__ = ["DPO", "LLM", "AnswerRules", "Budget", "Criterion", "Drift", "Generation", "Lora",
+           "Price", "RateLimit", "Role", "Rubric", "Student", "Task", "TinyModel", "Training",
+           "Tuning"]  # re-exported: the sections live in their files
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -90,55 +91,6 @@ class Slicing(Strict):
         return self
 
 
-# ── what an example looks like ───────────────────────────────────────────────────────────────
-class Task(Strict):
-    kind: Literal["classification"] = Field(
-        "classification", description="The task family. Classification: one label per row."
-    )
-    description: str = Field(description="What the model must learn, in one or two sentences.")
-    labels: list[str] = Field(description="The closed label set.")
-    prompt_template: str = Field(
-        description="Python format string over the row's allow-listed columns, e.g. "
-        "'Title: {title}\\nLead: {body:.300}\\nTopic:'. Renders the training prompt.",
-    )
-    completion_template: str = Field(
-        " {label}", description="Format string for the completion; `{label}` is the label."
-    )
-    gold_column: str = Field(
-        description="Column holding the reference label of each row. Never allow-listed: only "
-        "evaluation (held-out rows) and the simulated teacher read it.",
-    )
-    example_kinds: list[Literal["sft"]] = Field(["sft"], description="Example kinds to write.")
-    skill: str = Field("label-examples", description="Skill folder under skills/ the agents follow.")
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, v: list[str]) -> list[str]:
-        if len(v) < 2:
-            raise ValueError(f"must list at least 2 labels, got {len(v)}")
-        if len(set(v)) != len(v):
-            dup = sorted({x for x in v if v.count(x) > 1})
-            raise ValueError(f"labels must be unique, {', '.join(dup)} repeated")
-        for label in v:
-            if not label.strip() or label != label.strip():
-                raise ValueError(f"label {label!r} must be non-empty with no outer whitespace")
-        return v
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_parses(cls, v: str) -> str:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
-        except ValueError as e:
-            raise ValueError(f"is not a valid format string ({e})") from None
-        if not fields:
-            raise ValueError("must use at least one {column} from the row")
-        return v
-
-    def template_columns(self) -> list[str]:
-        return [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
-
-
 class Distribution(Strict):
     target: Literal["none", "uniform"] | dict[str, float] = Field(
         "none", description="Label shares the training set should have: none (measure only), "
@@ -152,8 +104,18 @@ class Distribution(Strict):
     )
 
 
+# the promotion metrics of each kind, the default first
+METRICS = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge_l", "chrf"),
+           "extraction": ("field_f1", "exact_match")}
+
+
 class Promotion(Strict):
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: Literal["accuracy", "macro_f1", "rouge_l", "chrf", "field_f1", "exact_match"] | None \
+        = Field(None, description="Classification: accuracy (default) or macro_f1, compared "
+                "with the champion's. Generation: rouge_l (default) or chrf, extraction: "
+                "field_f1 (default) or exact_match: the reference metric that may not drop "
+                "more than max_reference_drop below the champion's (text kinds are promoted "
+                "on the judge's win-rate).")
     min_improvement: float = Field(
         0.0, ge=0.0, description="Promote only if metric > champion's + this (both measured "
         "on this run's held-out rows)."
@@ -166,6 +128,19 @@ class Promotion(Strict):
     min_over_baseline: float = Field(
         0.05, ge=0.0, description="Never promote a model whose metric does not beat always "
         "answering the commonest held-out label by more than this (champion or not).")
+    min_win_lower_bound: float = Field(
+        0.5, ge=0.0, le=1.0, description="Text kinds: promote only if the 95% Wilson lower "
+        "bound of the judge's win-rate (ties apart, both answer orders) against the champion "
+        "(else the base model) reaches this.")
+    min_rows: int = Field(
+        30, ge=1, description="Text kinds: never promote on fewer held-out rows compared.")
+    min_decided_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Text kinds: never promote when the judge decided "
+        "(did not tie) fewer than this share of the rows compared: a model the judge cannot "
+        "tell from the other has not shown it is better.")
+    max_reference_drop: float | None = Field(
+        0.02, ge=0.0, description="Text kinds with a gold column: refuse when `metric` falls "
+        "more than this below the champion's on the same rows; null: no check.")
     require_approval: bool = Field(
         False, description="Pause before moving the alias until a person approves in the "
         "Prefect UI (the run waits for input)."
@@ -182,7 +157,9 @@ class Evaluation(Strict):
         "before any slicing; agents never see them.",
     )
     max_rows: int | None = Field(None, ge=1, description="Evaluate at most this many rows.")
-    max_new_tokens: int = Field(6, ge=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens a model may generate per held-out prompt (default: 6 "
+        "for a label, 64 for text and JSON answers).")
     promotion: Promotion = Field(default_factory=Promotion)
 
 
@@ -256,13 +233,35 @@ class Spec(Strict):
                 "task.prompt_template",
                 f"uses {', '.join(missing)}, not allow-listed columns of {self.slicing.table!r}",
             )
-        if self.task.gold_column in table_cols:
+        if self.task.gold_column is not None and self.task.gold_column in table_cols:
             raise FieldError(
                 "task.gold_column",
                 f"{self.task.gold_column!r} is allow-listed in warehouse.tables."
                 f"{self.slicing.table}: remove it there, agents must never read the gold label",
             )
         target = self.distribution.target
+        if self.task.kind != "classification" and target != "none":
+            raise FieldError("distribution.target",
+                             f"balances labels, which a {self.task.kind} task has none of: "
+                             "set it to none (answer lengths are reported by task.rules)")
+        if self.task.kind != "classification" and self.llm.judge is None:
+            raise FieldError("llm.judge",
+                             f"a {self.task.kind} task needs a judge: it scores answers "
+                             "against task.rubric and compares models on the held-out rows")
+        if self.task.kind != "classification" and any(
+                r.simulated for r in self.llm.roles().values()) and self.task.gold_column is None:
+            raise FieldError("task.gold_column",
+                             "the simulated teacher answers from the gold column: name one, "
+                             "or use real LLM endpoints")
+        metric, kind = self.evaluation.promotion.metric, self.task.kind
+        if metric is not None and metric not in METRICS[kind]:
+            raise FieldError("evaluation.promotion.metric",
+                             f"must be one of {', '.join(METRICS[kind])} for kind {kind}, "
+                             f"got {metric!r}")
+        if metric is None:
+            self.evaluation.promotion.metric = METRICS[kind][0]
+        if self.evaluation.max_new_tokens is None:
+            self.evaluation.max_new_tokens = 6 if kind == "classification" else 64
         if isinstance(target, dict):
             unknown = sorted(set(target) - set(self.task.labels))
             if unknown:
@@ -271,7 +270,7 @@ class Spec(Strict):
             if abs(sum(target.values()) - 1.0) > 1e-6:
                 raise FieldError("distribution.target",
                                   f"shares must sum to 1, got {sum(target.values()):g}")
-        bias = [b for b in self.llm.simulated.bias_labels if b not in self.task.labels]
+        bias = [b for b in self.llm.simulated.bias_labels if b not in (self.task.labels or [])]
         if bias:
             raise FieldError("llm.simulated.bias_labels",
                               f"labels {', '.join(bias)} are not in task.labels")

@@ -80,7 +80,7 @@ class Example(Base):
     row_id: Mapped[str | None] = mapped_column(sa.String(200))
     prompt: Mapped[str | None] = mapped_column(sa.Text)
     completion: Mapped[str | None] = mapped_column(sa.Text)
-    label: Mapped[str | None] = mapped_column(sa.String(200))
+    label: Mapped[str | None] = mapped_column(sa.Text)
     status: Mapped[str] = mapped_column(sa.String(16))
     reason: Mapped[str | None] = mapped_column(sa.Text)
     agent: Mapped[str | None] = mapped_column(sa.String(200))

@@ -18,6 +18,7 @@ from prefect.states import Completed, State
 
 from flows import tracking
 from flows.coverage import outcome
+from flows.kinds import kind_of
 from flows.llm_endpoints import llm_tag, simulated_roles
 from flows.reports import publish_reports
 from flows.run_lifecycle import PostTrainingRun
@@ -77,8 +78,6 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
         "cost_by_role": {k: round(v["cost_usd"], 6) for k, v in calls["by_role"].items()},
         "label_tv_before": balance["tv_before"],
         "label_tv_after_topup": balance["tv_after"],
-        "label_tv_after": dataset["tv_after"],
-        "label_counts": dataset["label_counts"],
         "train_examples": dataset["n"],
         "duplicates_dropped": dataset["duplicates"],
         "eval_copies_dropped": dataset["eval_copies"],
@@ -93,19 +92,15 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
                       "rejected": pairs["rejected"]} if pairs else None,
         "dpo_reward_accuracy": dpo["reward_accuracy"] if dpo else None,
         "dpo_reward_margin": dpo["reward_margin"] if dpo else None,
-        "sft_accuracy": ev["sft"]["accuracy"],
         "eval_examples": ev["n"],
-        "base_accuracy": ev["base"]["accuracy"],
-        "majority_baseline": round(ev["majority_baseline"], 4),
-        "accuracy": ev["final"]["accuracy"],
-        "macro_f1": ev["final"]["macro_f1"],
         "model_name": spec.tracking.registered_model,
         "model_version": decision["model_version"],
         "promoted": decision["promoted"],
         "previous_champion_version": decision.get("previous_champion_version"),
-        "champion_accuracy": ev["champion"]["accuracy"] if ev["champion"] else None,
         "promotion_reason": decision["reason"],
         "approval": decision["approval"],
+        "task_kind": spec.task.kind,
+        **kind_of(spec).summary(ev, dataset),  # accuracy and labels, or win-rates and ROUGE-L
         "stage_seconds": dict(stage_seconds),
         "wall_seconds": run.elapsed(),
     }
@@ -126,7 +121,7 @@ def publish(run: PostTrainingRun, summary: dict, *, slices: list[SliceDescriptor
         **({"label_tv_before": balance["tv_before"]} if balance["tv_before"] is not None
            else {}),
         **({"label_tv_after": summary["label_tv_after"]}
-           if summary["label_tv_after"] is not None else {}),
+           if summary.get("label_tv_after") is not None else {}),
     })
     client.log_artifact(mlflow_run_id, str(out / "summary.json"))
     # Prefect artifacts (summary, slices, plots) and MLflow pages (plots, model card)

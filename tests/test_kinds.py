@@ -65,3 +65,68 @@ def test_baseline_and_promotion_are_the_spec_rule(spec):
     assert kind.decide({"n": 5, "final": weak, "champion": None, **base})["promote"] is False
     assert kind.compare({"final": good, "champion": weak}) == (
         f"{rule.metric} {good[rule.metric]:.3f} vs champion {weak[rule.metric]:.3f}")
+
+
+# ── text kinds ──────────────────────────────────────────────────────────────────────────────
+HEADLINES = SPEC.parent.parent / "news_headlines" / "spec.yaml"
+
+
+@pytest.fixture(scope="module")
+def headlines():
+    return load_spec(HEADLINES)
+
+
+def verdicts(wins: int, losses: int, ties: int) -> dict:
+    from training.text_eval import win_rate
+
+    return {**win_rate(wins, losses, ties), "per_row": []}
+
+
+def test_the_generation_kind_asks_for_text_within_the_rules(headlines):
+    from agents.answers import FORBIDDEN_PATTERN, TOO_LONG, TextAnswer
+    from flows.kinds.generation import Generation
+
+    kind = kind_of(headlines)
+    assert isinstance(kind, Generation)
+    rule = kind.answer_rule()
+    assert isinstance(rule, TextAnswer) and rule.field == "response"
+    assert rule.check("Markets rally as rates fall").ok
+    assert rule.check(" ".join(["word"] * 13)).reason == TOO_LONG
+    assert rule.check('Headline: "Markets rally"').reason == FORBIDDEN_PATTERN
+    task = kind.agent_task()
+    assert task["kind"] == "generation" and task["rules"]["max_words"] == 12
+    assert kind.completion("Markets rally") == " Markets rally"
+    assert kind.near_duplicates() is not None
+
+
+def text_ev(final_rouge: float, base_rouge: float, versus_base: dict,
+            versus_champion: dict | None = None, champion_rouge: float | None = None) -> dict:
+    return {"n": versus_base["n"], "final": {"rouge_l": final_rouge},
+            "base": {"rouge_l": base_rouge},
+            "champion": {"rouge_l": champion_rouge} if versus_champion else None,
+            "champion_version": "1" if versus_champion else None,
+            "versus_base": versus_base, "versus_champion": versus_champion}
+
+
+def test_text_promotion_reads_the_win_rate_lower_bound_not_the_point(headlines):
+    kind = kind_of(headlines)  # min_win_lower_bound 0.5, min_rows 30, max_reference_drop 0.02
+    clear = verdicts(60, 20, 20)  # 0.75, lower bound ~0.64
+    assert kind.decide(text_ev(0.30, 0.05, clear))["promote"] is True
+    # a point estimate over 0.5 whose lower bound is under it: refused, and the reason says so
+    close = verdicts(22, 18, 60)  # 0.55, lower bound ~0.40
+    decision = kind.decide(text_ev(0.30, 0.05, close))
+    assert decision["promote"] is False and "lower bound" in decision["reason"]
+    # too few rows compared
+    few = verdicts(9, 0, 1)
+    assert "fewer than the 30" in kind.decide(text_ev(0.30, 0.05, few))["reason"]
+    # a champion: the rule reads the win-rate against it, and the reference metric's drop
+    decision = kind.decide(text_ev(0.30, 0.05, clear, close, champion_rouge=0.31))
+    assert decision["promote"] is False and "champion" in decision["reason"]
+    dropped = kind.decide(text_ev(0.20, 0.05, clear, clear, champion_rouge=0.30))
+    assert dropped["promote"] is False and "rouge_l 0.200 < champion 0.300" in dropped["reason"]
+    # a judge that ties most rows has not seen a better model, whatever the decided few say
+    tied = kind.decide(text_ev(0.30, 0.05, verdicts(30, 0, 70)))
+    assert tied["promote"] is False and "decided only 30 of 100 rows" in tied["reason"]
+    # never a model that does not beat the base model's reference metric
+    weak = kind.decide(text_ev(0.04, 0.05, clear))
+    assert weak["promote"] is False and "does not beat the base model" in weak["reason"]

@@ -182,3 +182,82 @@ def test_drift_settings_are_checked(tmp_path):
         load_spec(path)
     assert e.value.problems == [("generation.drift.max_baseline_rate: must be >= baseline_rate "
                                 "(0.4), got 0.2")]
+
+
+# ── text kinds: every field of the task names itself when wrong ──────────────────────────────
+HEADLINES = DEMO.parent.parent / "news_headlines" / "spec.yaml"
+TEXT = yaml.safe_load(HEADLINES.read_text())
+
+
+def _text(edit) -> dict:
+    data = copy.deepcopy(TEXT)
+    data["warehouse"]["url"] = f"sqlite:///{DEMO.parent / 'warehouse.db'}"
+    edit(data)
+    return data
+
+
+def _schema(d):
+    d["task"].update(kind="extraction", answer_schema={"type": "object",
+                                                       "properties": {"a": {"type": "nope"}}})
+    d["task"].pop("rules")
+    d["evaluation"]["promotion"]["metric"] = "field_f1"
+
+
+TEXT_BROKEN = {
+    "labels_on_generation": (lambda d: d["task"].update(labels=["a", "b"]),
+                             "task.labels: is not used by kind generation: remove it"),
+    "bounds_crossed": (lambda d: d["task"]["rules"].update(min_words=20),
+                       "task.rules.min_words: 20 is more than max_words 12"),
+    "bad_pattern": (lambda d: d["task"]["rules"].update(forbidden=["(unclosed"]),
+                    ("task.rules.forbidden: '(unclosed' is not a valid regular "
+                    "expression (missing ), unterminated subpattern at position 0)")),
+    "rubric_threshold": (lambda d: d["task"]["rubric"].update(threshold=7),
+                         "task.rubric.threshold: must be at most 5.0, got 7"),
+    "rubric_name": (lambda d: d["task"]["rubric"]["criteria"][0].update(name="not ok"),
+                    ("task.rubric.criteria.0.name: must be a plain identifier "
+                    "(letters, digits, _), got 'not ok'")),
+    "metric_of_other_kind": (lambda d: d["evaluation"]["promotion"].update(metric="accuracy"),
+                             ("evaluation.promotion.metric: must be one of rouge_l, chrf for "
+                             "kind generation, got 'accuracy'")),
+    "no_judge": (lambda d: d["llm"].update(judge=None),
+                 ("llm.judge: a generation task needs a judge: it scores answers against "
+                 "task.rubric and compares models on the held-out rows")),
+    "simulated_without_gold": (lambda d: d["task"].pop("gold_column"),
+                               ("task.gold_column: the simulated teacher answers from the gold "
+                               "column: name one, or use real LLM endpoints")),
+    "extraction_without_schema": (
+        lambda d: (d["task"].update(kind="extraction"), d["task"].pop("rules")),
+        "task.answer_schema: required for kind extraction, add it"),
+    "extraction_bad_schema": (_schema, ("task.answer_schema: is not a valid JSON "
+                              "Schema at properties/a/type: 'nope' is not valid under any of "
+                              "the given schemas")),
+    "label_balance_on_text": (lambda d: d["distribution"].update(target="uniform"),
+                              ("distribution.target: balances labels, which a generation task "
+                              "has none of: set it to none (answer lengths are reported by "
+                              "task.rules)")),
+}
+
+
+def test_the_headlines_spec_is_valid():
+    spec = load_spec(HEADLINES)
+    assert spec.task.kind == "generation" and spec.task.skill == "write-responses"
+    assert spec.task.labels is None and spec.task.rules.max_words == 12
+    assert [c.name for c in spec.task.rubric.criteria] == ["faithful", "specific", "style"]
+    assert spec.evaluation.promotion.metric == "rouge_l"
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_BROKEN))
+def test_broken_text_task_names_its_field(case, tmp_path, capsys):
+    edit, expected = TEXT_BROKEN[case]
+    path = _write(tmp_path, _text(edit))
+    assert main(["validate", str(path)]) == 2
+    assert expected in capsys.readouterr().out.splitlines()
+
+
+def test_a_generation_task_gets_the_kinds_defaults(tmp_path):
+    data = _text(lambda d: (d["task"].pop("rubric"), d["task"].pop("skill", None),
+                            d["evaluation"]["promotion"].pop("metric")))
+    spec = load_spec(_write(tmp_path, data))
+    assert [c.name for c in spec.task.rubric.criteria] == ["faithful", "follows_instructions",
+                                                           "clear"]
+    assert spec.task.rubric.threshold == 3.0 and spec.evaluation.promotion.metric == "rouge_l"

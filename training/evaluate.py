@@ -1,4 +1,5 @@
-"""Classification metrics for a causal LM: greedy generation, then match a label.
+"""Classification metrics for a causal LM: greedy generation, then match a label (and
+`generate_texts`, the same greedy decoding for answers written as text).
 
     metrics = evaluate_classifier("runs/x/final", prompts, gold, labels)
 
@@ -142,12 +143,19 @@ def evaluate_classifier(
     Returns accuracy, macro_f1, per_label {precision, recall, f1, support}, n, invalid,
     confusion {gold: {predicted: count}} and predictions (one label or "<invalid>" per
     prompt)."""
+    texts = generate_texts(model_dir, prompts, max_new_tokens, batch_size)
+    predictions = [match_label(t, labels) for t in texts]
+    return classification_metrics(predictions, gold, labels) | {"predictions": predictions}
+
+
+def generate_texts(model_dir: str | Path, prompts: list[str], max_new_tokens: int = 32,
+                   batch_size: int = 32) -> list[str]:
+    """Greedy completions (the new text only, special tokens dropped) of the model in
+    `model_dir` for `prompts`, in order: what a generation or extraction task scores."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.eval()
-    texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    predictions = [match_label(t, labels) for t in texts]
-    return classification_metrics(predictions, gold, labels) | {"predictions": predictions}
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -1,4 +1,4 @@
-"""What the simulated teacher is told: where the gold labels live, and how badly to behave.
+"""What the simulated teacher is told: where the gold answers live, and how badly to behave.
 
 `TeacherKnobs` is a strict pydantic model (the spec embeds it); every knob is a rate or a
 size, and every random choice the teacher makes is seeded from `seed` and what it is
@@ -21,7 +21,13 @@ REALISTIC: dict[str, float] = {
     "error_rate": 0.10, "off_spec_rate": 0.0, "case_error_rate": 0.03, "string_id_rate": 0.3,
     "fenced_json_rate": 0.03, "malformed_rate": 0.01, "multi_call_rate": 0.05,
     "think_rate": 0.5, "empty_rate": 0.01, "prose_rate": 0.01, "judge_error_rate": 0.02,
+    # text kinds (generation, extraction) only
+    "too_long_rate": 0.03, "copy_prompt_rate": 0.01, "empty_answer_rate": 0.01,
+    "off_format_rate": 0.02, "broken_json_rate": 0.02, "judge_position_bias": 0.05,
 }
+# the seeded faults of a first answer of a text kind, in the order of their shares
+TEXT_FAULTS = ("too_long", "copy_prompt", "empty_answer", "off_format", "broken_json")
+KINDS = ("classification", "generation", "extraction")
 
 
 def _rate(description: str) -> float:
@@ -34,9 +40,11 @@ class TeacherKnobs(BaseModel):
     `profile: realistic` makes it err like a cheap hosted model: every knob absent from the
     input takes its value from `REALISTIC` (error_rate 0.10, off_spec_rate 0, case_error_rate
     0.03, string_id_rate 0.3, fenced_json_rate 0.03, malformed_rate 0.01, multi_call_rate
-    0.05, think_rate 0.5, empty_rate 0.01, prose_rate 0.01, judge_error_rate 0.02); a knob
-    given explicitly wins (`{profile: realistic, error_rate: 0.05}`). `custom` (the default)
-    leaves every knob absent at 0 / its default.
+    0.05, think_rate 0.5, empty_rate 0.01, prose_rate 0.01, judge_error_rate 0.02; for text
+    kinds too_long_rate 0.03, copy_prompt_rate 0.01, empty_answer_rate 0.01, off_format_rate
+    0.02, broken_json_rate 0.02, judge_position_bias 0.05); a knob given explicitly wins
+    (`{profile: realistic, error_rate: 0.05}`). `custom` (the default) leaves every knob
+    absent at 0 / its default.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -93,8 +101,28 @@ class TeacherKnobs(BaseModel):
     read_chars: int | None = Field(
         600, ge=1, description="Read each column but the id as its first N characters "
         "(as an agent that needs only the lead of an article would); null reads whole values.")
+    # text kinds (generation, extraction): the first answer of a row; the fix round sends
+    # the gold answer once the gate rejects it
+    too_long_rate: float = _rate(
+        "Generation: share of rows first answered with the answer padded beyond the rules' "
+        "max_words / max_chars.")
+    copy_prompt_rate: float = _rate(
+        "Generation: share of rows first answered with a copy of the row's own text (the "
+        "first ~12 words of its longest column).")
+    empty_answer_rate: float = _rate("Text kinds: share of rows first answered with ''.")
+    off_format_rate: float = _rate(
+        "Text kinds: share of rows first answered off the format: generation wraps the "
+        "answer like `Headline: \"...\"`; extraction sends an object that breaks the "
+        "schema (a required field dropped or a value of the wrong type).")
+    broken_json_rate: float = _rate(
+        "Extraction: share of rows first answered with JSON text that has a syntax error "
+        "(cut short).")
     # other roles
-    judge_error_rate: float = _rate("Share of reviewed rows the judge believes wrongly.")
+    judge_error_rate: float = _rate(
+        "Share of reviewed rows the judge believes wrongly (text kinds: every rubric score "
+        "moved by 2 the wrong way; pairwise: a decided winner flipped).")
+    judge_position_bias: float = _rate(
+        "Share of pairwise comparisons (<compare>) the judge answers 'a' whatever the answers.")
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +136,12 @@ class TeacherKnobs(BaseModel):
     def _shares_fit(self) -> TeacherKnobs:
         if self.error_rate + self.off_spec_rate > 1:
             raise ValueError("error_rate + off_spec_rate must be at most 1")
+        text = sum(getattr(self, f"{f}_rate") for f in TEXT_FAULTS)
+        if text + self.error_rate > 1 + 1e-9:
+            raise ValueError(
+                "too_long_rate + copy_prompt_rate + empty_answer_rate + off_format_rate + "
+                f"broken_json_rate + error_rate must be at most 1, got {text + self.error_rate:g}"
+                " (each row of a text kind gets at most one of them)")
         if self.prose_rate + self.misuse_rate + self.malformed_rate + self.empty_rate > 1:
             raise ValueError(
                 "prose_rate + misuse_rate + malformed_rate + empty_rate must be at most 1")
@@ -120,14 +154,17 @@ class TeacherKnobs(BaseModel):
 
 @dataclass
 class TeacherConfig:
-    """Where the gold labels are, and the knobs. `error_rate`, `off_spec_rate` and `seed`
-    are still accepted as keyword arguments: they land in `knobs` (read them there)."""
+    """Where the gold answers are, and the knobs. `kind` is the task's kind: classification
+    (the gold column holds a label of `labels`), generation (the reference text) or extraction
+    (a JSON object, as JSON text); text kinds need no `labels`. `error_rate`, `off_spec_rate`
+    and `seed` are still accepted as keyword arguments: they land in `knobs` (read them
+    there)."""
 
     warehouse_url: str
     table: str
     id_column: str
     gold_column: str
-    labels: list[str]
+    labels: list[str] = field(default_factory=list)
     knobs: TeacherKnobs = field(default_factory=TeacherKnobs)
     api_key: str | None = None
     request_log: str | Path | None = None
@@ -135,15 +172,20 @@ class TeacherConfig:
     error_rate: InitVar[float | None] = None
     off_spec_rate: InitVar[float | None] = None
     seed: InitVar[int | None] = None
+    kind: str = "classification"
 
     def __post_init__(self, error_rate, off_spec_rate, seed) -> None:
         for name in (self.table, self.id_column, self.gold_column):
             if not _IDENT.match(name):
                 raise ValueError(f"{name!r} is not a plain SQL identifier")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "classification" and not self.labels:
+            raise ValueError("a classification teacher needs its label set (labels)")
+        self.labels = list(self.labels or [])
         if isinstance(self.knobs, dict):
             self.knobs = TeacherKnobs.model_validate(self.knobs)
         legacy = {k: v for k, v in (("error_rate", error_rate), ("off_spec_rate", off_spec_rate),
                                     ("seed", seed)) if v is not None}
         if legacy:
             self.knobs = TeacherKnobs.model_validate({**self.knobs.model_dump(), **legacy})
-

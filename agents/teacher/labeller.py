@@ -38,6 +38,9 @@ the way a careful agent writes down where it is:
     a tool error on a correct call   -> give up with a plain message (no endless retrying)
     an unreadable submit result      -> go on as if it had no rejections
 
+Text kinds (the slice block says "kind": "generation" | "extraction") page the same way;
+text_answers.py decides each row's `response` and the fix round (TEXT_FIXABLE reasons).
+
 A row is handled only once per page, and a re-read page yields the same decisions, so
 any prefix of the conversation the memory keeps leads to the same next move. The note is
 found anywhere in a message (after a <think> prologue too); paging.py reads it, resume ids
@@ -64,6 +67,7 @@ from agents.teacher.paging import (
     whole_rows,
 )
 from agents.teacher.slips import PROSE, case_variant, malform, misuse, style, think
+from agents.teacher.text_answers import TEXT_FIXABLE, TextAnswers, text_kind
 from agents.teacher.wire import Reply, text_of
 
 FIXABLE = {"label_not_in_set", "invalid_schema", "judge_disagreed"}
@@ -122,11 +126,13 @@ class Step:
     recovering: bool = False           # the previous move failed: no slip now
     message: str = ""                  # give_up: why
     case_errors: int = 0               # submit: labels sent in the wrong case
+    faults: list = field(default_factory=list)   # submit, text kinds: the faults shown
 
 
 class Labeller:
     def __init__(self, config: TeacherConfig, gold: GoldLabels):
         self.config, self.knobs, self.gold = config, config.knobs, gold
+        self.texts = TextAnswers(config, gold)
 
     # ── labels: seeded per row, so a re-read page gets the same answers ───────────────────
     def _rng(self, purpose: str, key) -> random.Random:
@@ -218,7 +224,8 @@ class Labeller:
             rejected = [r for f, _, res in results if f.get("name") == "submit_examples"
                         and isinstance(res, dict) and isinstance(res.get("rejected"), list)
                         for r in res["rejected"]]
-            fix = [r for r in rejected if isinstance(r, dict) and r.get("reason") in FIXABLE]
+            fixable = TEXT_FIXABLE if text_kind(block, self.config) else FIXABLE
+            fix = [r for r in rejected if isinstance(r, dict) and r.get("reason") in fixable]
             last, short = note.get("last_id"), bool(note.get("short"))
             if fix and not note.get("fix"):  # one round of fixes per page: no endless loop
                 return Step("fix", after=after, last=last, short=short, rows=fix, limit=limit)
@@ -274,9 +281,11 @@ class Labeller:
         if step.kind in ("submit", "fix"):
             examples = self._examples(step, block, drifted)
             if examples:
-                what = "Resubmitting corrected labels" if step.kind == "fix" else "Submitting"
+                unit = "answers" if text_kind(block, self.config) else "labels"
+                fixing = "Resubmitting corrected" + ("" if unit == "answers" else " labels")
+                what = fixing if step.kind == "fix" else "Submitting"
                 note = _note(step, last_id=step.last, short=step.short, fix=step.kind == "fix")
-                text = (f"{note} {what} {len(examples)} labels for the rows "
+                text = (f"{note} {what} {len(examples)} {unit} for the rows "
                         f"{_span(step.after)} up to id {step.last}.")
                 return Reply(text, [_call("submit_examples", {"examples": examples})]), step
             step = Step("done", after=step.last) if step.short else \
@@ -289,7 +298,8 @@ class Labeller:
         if step.kind == "give_up":
             return Reply(f"{_note(step)} I cannot go on with slice {slice_id}: "
                          f"{step.message}"), step
-        return Reply(f"{_note(step, done=True)} Labelled every row of slice {slice_id} that I "
+        did = "Answered" if text_kind(block, self.config) else "Labelled"
+        return Reply(f"{_note(step, done=True)} {did} every row of slice {slice_id} that I "
                      f"was asked for."), step
 
     def answer(self, messages: list[dict], block: dict, drifted: bool,
@@ -299,7 +309,7 @@ class Labeller:
         move, nor on a fix (the agent must recover); labels in the wrong case are decided per
         row (a re-read page repeats them), and <think> may open any non-empty reply."""
         reply, step = self.decide(messages, block, drifted)
-        slip, shown = None, ["case_error"] * step.case_errors
+        slip, shown = None, ["case_error"] * step.case_errors + step.faults
         if not step.recovering and step.kind in ("sql", "submit") and reply.tool_calls:
             reply, slip, habits = self._slip(reply, step, block, request_hash)
             shown = habits if slip else shown + habits  # a failed move sends no labels
@@ -338,6 +348,9 @@ class Labeller:
         return Reply(reply.content, calls), None, shown
 
     def _examples(self, step: Step, block: dict, drifted: bool) -> list[dict]:
+        if text_kind(block, self.config):  # text answers: no label set, no top-ups
+            examples, step.faults = self.texts.examples(step, block, drifted)
+            return examples[:MAX_SUBMIT]
         id_col = block.get("id_column", self.config.id_column)
         if step.kind == "fix":
             reasons = {str(r.get("row_id")): r.get("reason") for r in step.rows}

@@ -21,11 +21,13 @@ import re
 from agents.teacher.config import TeacherKnobs
 from agents.teacher.wire import canonical, text_of
 
-ROLE_TAGS = {"review": "judge", "pairs": "pairs", "tune": "tune"}
+ROLE_TAGS = {"review": "judge", "pairs": "pairs", "tune": "tune", "compare": "compare"}
 
 
 def role_block(messages: list[dict]) -> tuple[str, dict] | None:
-    """(kind, block) when the last user message holds a <review>, <pairs> or <tune> block."""
+    """(kind, block) when the last user message holds a <review>, <pairs>, <tune> or
+    <compare> block (a <review> with a `rubric` key is the text kinds' judge:
+    text_roles.py, as is <compare>)."""
     last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     if last is None:
         return None

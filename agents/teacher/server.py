@@ -6,8 +6,8 @@
 
 One request: check the key -> decode into neutral messages (wire.py) -> count this attempt
 of its request hash -> maybe a fault (first attempt only, so a retry succeeds) -> the
-policy (labeller.py or roles.py) -> encode the reply in the request's format (SSE when
-stream=true) -> log one JSONL line. Every answer says `x-posttrain-simulated: true`.
+policy (labeller.py, roles.py or text_roles.py) -> encode the reply in the request's format
+(SSE when stream=true) -> log one JSONL line. Every answer says `x-posttrain-simulated: true`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from agents.teacher import wire
 from agents.teacher.config import TeacherConfig
 from agents.teacher.labeller import GoldLabels, Labeller, slice_block
 from agents.teacher.roles import judge, pairs, role_block, tune
+from agents.teacher.text_roles import compare, rubric_judge
 from agents.teacher.wire import FINGERPRINT, BadRequest, Decoded, Reply
 
 PINNED_MARK = "## Your task (pinned)"
@@ -98,8 +99,12 @@ class Teacher:
         c = self.config
         if kind == "label":
             return self.labeller.answer(d.messages, block, drifted, d.hash)
+        if kind == "judge" and "rubric" in block:  # the text kinds' rubric judge
+            return Reply(json.dumps(rubric_judge(block, self.gold, c))), None, []
         if kind == "judge":
             return Reply(json.dumps(judge(block, self.gold, c.labels, c.knobs))), None, []
+        if kind == "compare":
+            return Reply(json.dumps(compare(block, self.gold, c))), None, []
         if kind == "pairs":
             return Reply(json.dumps(pairs(block, self.gold, c.labels, c.knobs))), None, []
         if kind == "tune":

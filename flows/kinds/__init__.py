@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from flows.kinds.base import TaskKind
 from flows.kinds.classification import Classification
+from flows.kinds.extraction import Extraction
+from flows.kinds.generation import Generation
 from flows.spec import Spec
 
-KINDS: dict[str, type] = {"classification": Classification}
+KINDS: dict[str, type] = {"classification": Classification, "generation": Generation,
+                          "extraction": Extraction}
 
 __all__ = ["KINDS", "TaskKind", "kind_of"]
 

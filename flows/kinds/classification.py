@@ -15,7 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 from agents.answers import LabelAnswer
+from agents.judge import Judge
+from agents.pairs import PairWriter
+from agents.skills import load_skill
+from flows import distribution
 from flows.render import render_completion, render_prompt
+from flows.reports.markdown import label_table, num, table
 from flows.spec import Spec
 from training.evaluate import (
     classification_metrics,
@@ -28,6 +33,8 @@ from training.registry import decide_promotion
 
 class Classification:
     name = "classification"
+    judge_skills = ("review-examples",)
+    curation_name = "the label quota"
 
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -35,6 +42,50 @@ class Classification:
 
     def answer_rule(self) -> LabelAnswer:
         return LabelAnswer(self.labels)
+
+    def agent_task(self) -> dict:
+        return {"labels": self.labels}
+
+    def near_duplicates(self) -> None:
+        return None  # many rows share a label by design
+
+    def judge(self, gateway, role) -> Judge:
+        return Judge(gateway, model=role.model, skill=load_skill("review-examples"),
+                     labels=self.labels, temperature=role.temperature,
+                     max_tokens=role.max_tokens)
+
+    def head_to_head(self, ev: dict, rows: list[dict], runtime) -> dict:
+        return {}  # labels are scored against the gold column; no judge needed
+
+    def curate(self, kept: list[dict]) -> tuple[list[dict], dict]:
+        """The label quota closes whatever gap to the spec's target the top-ups left."""
+        target = distribution.target_shares(self.spec.distribution.target, self.labels)
+        counts = Counter(ex["label"] for ex in kept)
+        tv_before = distribution.tv_distance(
+            distribution.shares(counts, self.labels), target) if target else None
+        if target:
+            kept = distribution.quota(kept, target, self.spec.distribution.tolerance)
+        final = Counter(ex["label"] for ex in kept)
+        return kept, {"label_counts": dict(final), "tv_before_quota": tv_before,
+                      "tv_after": distribution.tv_distance(
+                          distribution.shares(final, self.labels), target) if target else None}
+
+    def pair_writer(self, runtime, sft_dir, items: list[dict]) -> PairWriter:
+        """Agents write a chosen and a rejected label per prompt (write-preference-pairs)."""
+        role = self.spec.llm.generator  # the bulk goes to the cheap model
+        return PairWriter(runtime.gateways["generator"], model=role.model,
+                          skill=load_skill("write-preference-pairs"), labels=self.labels,
+                          completion_template=self.spec.task.completion_template,
+                          description=self.spec.task.description,
+                          temperature=role.temperature, max_tokens=role.max_tokens)
+
+    def summary(self, ev: dict, dataset: dict) -> dict:
+        """The run summary's figures for this kind."""
+        return {"label_tv_after": dataset["tv_after"], "label_counts": dataset["label_counts"],
+                "sft_accuracy": ev["sft"]["accuracy"], "base_accuracy": ev["base"]["accuracy"],
+                "majority_baseline": round(ev["majority_baseline"], 4),
+                "accuracy": ev["final"]["accuracy"], "macro_f1": ev["final"]["macro_f1"],
+                "champion_accuracy": ev["champion"]["accuracy"] if ev["champion"] else None}
 
     def completion(self, answer: str) -> str:
         return render_completion(self.spec, answer)
@@ -94,3 +145,38 @@ class Classification:
                                 min_improvement=rule.min_improvement,
                                 max_label_drop=rule.max_label_drop, baseline=baseline,
                                 min_over_baseline=rule.min_over_baseline)
+
+    # ── the run's pages ─────────────────────────────────────────────────────────────────
+    def report_metrics(self, s: dict, ev: dict) -> list[str]:
+        """The summary page's metrics: accuracy and macro-F1 by model, and the baseline."""
+        def f1(key: str):
+            return (ev.get(key) or {}).get("macro_f1")
+
+        rows = [["base (untrained)", num(s.get("base_accuracy")), num(f1("base"))],
+                ["after SFT", num(s.get("sft_accuracy")), num(f1("sft"))],
+                ["**final**" + (" (SFT + DPO)" if s.get("dpo_reward_accuracy") is not None
+                                else ""),
+                 f"**{num(s.get('accuracy'))}**", f"**{num(s.get('macro_f1'))}**"]]
+        if s.get("champion_accuracy") is not None:
+            rows.append([f"champion v{s.get('previous_champion_version')} (same rows)",
+                         num(s["champion_accuracy"]), num(f1("champion"))])
+        rows.append(["always the commonest label", num(s.get("majority_baseline")), "—"])
+        return table(["model", "accuracy", "macro-F1"], rows)
+
+    def report_data(self, s: dict, stages: dict[str, dict]) -> list[str]:
+        """The label distribution by stage and its distance to the spec's target."""
+        spec = self.spec
+        lines = ["", "## Label distribution", ""]
+        lines += label_table(stages, self.labels)
+        tv = [("before top-up", s.get("label_tv_before")),
+              ("after top-up", s.get("label_tv_after_topup")),
+              ("curated", s.get("label_tv_after"))]
+        if any(v is not None for _, v in tv):
+            target = spec.distribution.target
+            lines += ["", f"Distance to the target "
+                      f"({target if isinstance(target, str) else 'custom'} shares, total "
+                      f"variation, tolerance {spec.distribution.tolerance:g}): "
+                      + ", ".join(f"{n} {num(v)}" for n, v in tv) + "."]
+        else:
+            lines += ["", "No target distribution in the spec: labels measured, not balanced."]
+        return lines

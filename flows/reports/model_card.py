@@ -18,14 +18,20 @@ def model_card(spec: Spec, summary: dict, evaluation: dict | None, version_tags:
     scores, why it is (or is not) the champion, and where it came from."""
     s = summary
     roles = spec.llm.roles()
+    labels = spec.task.labels
+    answers = ("one of the labels. Out of scope: other labels, and inputs unlike these prompts"
+               if labels else f"its answer ({'a JSON record' if spec.task.answer_schema else 'text'}"
+               f"). Out of scope: inputs unlike these prompts")
     lines = [f"# Model card: {s['model_name']} v{s['model_version']}", "",
              "## Intended use", "", spec.task.description, "",
              (f"A {spec.task.kind} model: given a prompt rendered from "
-              f"`{spec.slicing.table}` rows with the template below, it completes it with one "
-              f"of the labels. Out of scope: other labels, and inputs unlike these prompts."), "",
-             "```", spec.task.prompt_template, "```", "",
-             "## Labels", "", ", ".join(f"`{x}`" for x in spec.task.labels), "",
-             "## Training data", ""]
+              f"`{spec.slicing.table}` rows with the template below, it completes it with "
+              f"{answers}."), "", "```", spec.task.prompt_template, "```", ""]
+    if labels:
+        lines += ["## Labels", "", ", ".join(f"`{x}`" for x in labels), ""]
+    elif spec.task.instructions:
+        lines += ["## Instructions", "", spec.task.instructions, ""]
+    lines += ["## Training data", ""]
     sha = dataset.get("sha256")
     lines += [f"- {s.get('train_examples')} curated prompt/completion examples"
               + (f", {dataset['bytes']:,} bytes" if dataset.get("bytes") else "")
@@ -43,8 +49,9 @@ def model_card(spec: Spec, summary: dict, evaluation: dict | None, version_tags:
                   f"{n} = {r.api}:{r.model}" + (" (simulated)" if r.simulated else "")
                   for n, r in roles.items()) + ".",
               "- Labels in the curated set: " + ", ".join(
-                  f"{k} {(s.get('label_counts') or {}).get(k, 0)}" for k in spec.task.labels)
-              + "."]
+                  f"{k} {(s.get('label_counts') or {}).get(k, 0)}" for k in labels) + "."
+              if labels else f"- Near-duplicate answers dropped: "
+              f"{s.get('near_duplicates_dropped', 0)}."]
     lines += ["", "## Training", ""]
     student = spec.student
     tiny = student.tiny
@@ -72,14 +79,20 @@ def model_card(spec: Spec, summary: dict, evaluation: dict | None, version_tags:
     lines += ["", f"## Evaluation on {s.get('eval_examples')} held-out rows", "",
               ("Rows chosen by a hash of their id before slicing: no agent saw them and no "
                "training example equals one."), ""]
-    rows = [[name, num((ev.get(key) or {}).get("accuracy")),
-             num((ev.get(key) or {}).get("macro_f1"))]
-            for name, key in (("base", "base"), ("after SFT", "sft"), ("**this model**", "final"),
-                              (f"champion v{ev.get('champion_version')}", "champion"))
-            if ev.get(key)]
-    if not rows:
-        rows = [["**this model**", num(s.get("accuracy")), num(s.get("macro_f1"))]]
-    lines += table(["model", "accuracy", "macro-F1"], rows)
+    if labels:
+        rows = [[name, num((ev.get(key) or {}).get("accuracy")),
+                 num((ev.get(key) or {}).get("macro_f1"))]
+                for name, key in (("base", "base"), ("after SFT", "sft"),
+                                  ("**this model**", "final"),
+                                  (f"champion v{ev.get('champion_version')}", "champion"))
+                if ev.get(key)]
+        if not rows:
+            rows = [["**this model**", num(s.get("accuracy")), num(s.get("macro_f1"))]]
+        lines += table(["model", "accuracy", "macro-F1"], rows)
+    else:
+        from flows.kinds import kind_of  # the kinds use this package's markdown helpers
+
+        lines += kind_of(spec).report_metrics(s, ev)
     per_label = (ev.get("final") or {}).get("per_label") or {}
     if per_label:
         lines += ["", "Per label (this model):", ""]

@@ -113,9 +113,10 @@ def draw_run_plots(client: MlflowClient, mlflow_run_id: str, spec: Spec,
         logged.append(f"plots/{path.name}")
         return f"plots/{path.name}"
 
-    attempt("plot label distribution", lambda: log_plot(label_distribution_png(
-        stages, spec.task.labels, folder / "label_distribution.png",
-        title=f"{spec.name}: labels of the accepted examples by stage")))
+    if spec.task.labels:  # answers written as text have no label to count
+        attempt("plot label distribution", lambda: log_plot(label_distribution_png(
+            stages, spec.task.labels, folder / "label_distribution.png",
+            title=f"{spec.name}: labels of the accepted examples by stage")))
     sft_run = train_result.get("mlflow_run_id")
 
     def sft_plot() -> str:

@@ -2,13 +2,14 @@
 
 Warnings that limit the data, the promotion decision, the metrics against the baselines, the
 data (coverage, slices, gate rejections, tool misuse, drift alarms, stopped agents), the label
-distribution by stage, cost and time. The same text is the MLflow run's description and the
+distribution by stage (or the answers' lengths), cost and time; the task kind writes its
+metrics and data sections (flows/kinds). The same text is the MLflow run's description and the
 Prefect summary artifact.
 """
 
 from __future__ import annotations
 
-from flows.reports.markdown import decision_lines, label_table, num, table
+from flows.reports.markdown import decision_lines, num, table
 from flows.spec import Spec
 
 
@@ -16,6 +17,8 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
                      evaluation: dict | None, links: dict, plot_links: dict[str, str],
                      chosen_trial: int | None = None) -> str:
     """The run in one page: what people check first, first."""
+    from flows.kinds import kind_of  # the kinds use this package's markdown helpers
+
     s = summary
     roles = spec.llm.roles()
     simulated = [n for n, r in roles.items() if r.simulated]
@@ -34,18 +37,8 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
     lines += ["", f"## Metrics on {n_eval} held-out rows", ""]
     ev = evaluation or {}
 
-    def f1(key: str):
-        return (ev.get(key) or {}).get("macro_f1")
-
-    rows = [["base (untrained)", num(s.get("base_accuracy")), num(f1("base"))],
-            ["after SFT", num(s.get("sft_accuracy")), num(f1("sft"))],
-            ["**final**" + (" (SFT + DPO)" if s.get("dpo_reward_accuracy") is not None else ""),
-             f"**{num(s.get('accuracy'))}**", f"**{num(s.get('macro_f1'))}**"]]
-    if s.get("champion_accuracy") is not None:
-        rows.append([f"champion v{s.get('previous_champion_version')} (same rows)",
-                     num(s["champion_accuracy"]), num(f1("champion"))])
-    rows.append(["always the commonest label", num(s.get("majority_baseline")), "—"])
-    lines += table(["model", "accuracy", "macro-F1"], rows)
+    kind = kind_of(spec)  # what the figures are: accuracy and labels, or win-rates
+    lines += kind.report_metrics(s, ev)
     if s.get("dpo_reward_accuracy") is not None:
         pairs = s.get("dpo_pairs") or {}
         lines += ["", (f"DPO: reward accuracy {num(s['dpo_reward_accuracy'])}, reward margin "
@@ -84,7 +77,8 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
         ["curated for training", (f"{s.get('train_examples')} "
                                   f"({s.get('duplicates_dropped', 0)} duplicate(s), "
                                   f"{s.get('eval_copies_dropped', 0)} copy(ies) of held-out rows, "
-                                  f"{s.get('quota_trimmed', 0)} trimmed by the label quota)")],
+                                  f"{s.get('quota_trimmed', 0)} trimmed by "
+                                  f"{kind.curation_name})")],
         ["agents re-anchored", s.get("reanchors", 0)],
         ["largest agent context (tokens)", s.get("max_context_tokens", 0)],
     ])
@@ -111,18 +105,8 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
             [c["slice_id"], c["labelled"], c["planned"], c["excluded"], num(c["coverage"]),
              "; ".join(c.get("agents") or [])] for c in short], align="lrrrrl")
 
-    # labels
-    lines += ["", "## Label distribution", ""]
-    lines += label_table(stages, spec.task.labels)
-    tv = [("before top-up", s.get("label_tv_before")),
-          ("after top-up", s.get("label_tv_after_topup")), ("curated", s.get("label_tv_after"))]
-    if any(v is not None for _, v in tv):
-        target = spec.distribution.target
-        lines += ["", f"Distance to the target ({target if isinstance(target, str) else 'custom'}"
-                  f" shares, total variation, tolerance {spec.distribution.tolerance:g}): "
-                  + ", ".join(f"{n} {num(v)}" for n, v in tv) + "."]
-    else:
-        lines += ["", "No target distribution in the spec: labels measured, not balanced."]
+    # labels, or answers
+    lines += kind.report_data(s, stages)
 
     # cost
     by_role = s.get("cost_by_role") or {}
