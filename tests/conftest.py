@@ -17,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A loaded 2-core CI machine can take more than Prefect's default 20 s to start an ephemeral
+# API server (the bench --quick subprocesses start their own): a slow start is not a failure.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prefect's ephemeral API keeps its database under PREFECT_HOME: one throwaway home per session.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="posttrain-test-prefect-")
