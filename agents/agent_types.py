@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from agents.answers import OFF_SPEC
 from agents.gates import COPY_OF_EVAL_ROW, INVALID_SCHEMA
+from agents.hostile_text import HOSTILE_ROW
 
 __all__ = ["DRIFT_SIGNALS", "JUDGE_DISAGREED", "REFUSED", "AgentConfig", "AgentResult"]
 
@@ -18,7 +19,7 @@ JUDGE_DISAGREED = "judge_disagreed"
 # rules' rejections (label_not_in_set, too_long, schema_violation ...).
 DRIFT_SIGNALS = {INVALID_SCHEMA, JUDGE_DISAGREED, *OFF_SPEC}
 # Rows an agent did submit, which the gate or the judge would not take: not the agent's gap.
-REFUSED = {COPY_OF_EVAL_ROW, JUDGE_DISAGREED}
+REFUSED = {COPY_OF_EVAL_ROW, JUDGE_DISAGREED, HOSTILE_ROW}
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AgentConfig:
     judge_sample_rate: float = 0.2
     max_nudges: int = 2
     seed: int = 0
+    hostile_rows: str = "quarantine"  # or "judge" (agents/hostile_text.py)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class AgentResult:
     tool_errors: int = 0
     misuse: dict[str, int] = field(default_factory=dict)  # tool misuse by kind
     judged: int = 0
+    hostile_rows: int = 0  # rows read whose text addressed the agent (agents/hostile_text.py)
     reanchors: int = 0
     drift_alarm_call: int | None = None   # this agent's call count at the first alarm
     drift_alarm_time: float | None = None  # and the wall-clock time (time.time())

@@ -7,6 +7,11 @@ retryable `ProviderError` throttles the limiter (429/529), backs off (exponentia
 jitter, never less than the server's retry-after) and retries; anything else raises at once.
 Every attempt that reached the provider, and every cache hit, goes to `on_call(record)`.
 
+With a `CircuitBreaker` (agents/breaker.py) the gateway rides out a provider in trouble: it
+keeps retrying past `max_retries`, every failure halves the endpoint's concurrency (down to
+one probe at a time), and when the trouble outlasts the outage budget every call raises
+`ProviderOutage` before a request is sent.
+
 The cache key (`request_key`) hashes the API and the request content, NOT the endpoint: the
 endpoint is transport (which server, which rate-limit bucket), and the same request through a
 proxy, a mirror or a moved base URL should replay the same reply. Serving different weights
@@ -32,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from agents.breaker import CircuitBreaker, is_provider_fault
 from agents.ledger import BudgetExceeded, CostLedger
 from agents.providers import Completion, Provider, ProviderError, parse_json_reply
 from agents.ratelimit import AdaptiveLimiter, limiter_for
@@ -86,6 +92,7 @@ class LLMGateway:
                  on_call: Callable[[dict], None] | None = None, max_retries: int = 4,
                  backoff_base: float = 0.5, backoff_max: float = 30.0,
                  max_retry_after: float = 120.0, seed: int = 0,
+                 breaker: CircuitBreaker | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  asleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.provider = provider
@@ -97,6 +104,7 @@ class LLMGateway:
         self.max_retries = max_retries
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.max_retry_after = max_retry_after  # a server asking for longer: give up
+        self.breaker = breaker
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._sleep, self._asleep = sleep, asleep
@@ -177,6 +185,7 @@ class LLMGateway:
             return hit
         for attempt in itertools.count(1):
             with self.limiter.slot():
+                self._check_breaker()  # open: no request is sent
                 started = time.perf_counter()
                 try:
                     outcome, error = call(), None
@@ -195,6 +204,7 @@ class LLMGateway:
             return hit
         for attempt in itertools.count(1):
             async with self.limiter.aslot():
+                self._check_breaker()  # open: no request is sent
                 started = time.perf_counter()
                 try:
                     outcome, error = await call(), None
@@ -217,13 +227,20 @@ class LLMGateway:
             self.on_call(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0))
             return hit
         self.ledger.check()
+        self._check_breaker()
         return None
+
+    def _check_breaker(self) -> None:
+        if self.breaker is not None:
+            self.breaker.check()
 
     def _succeeded(self, base: dict, key: str, outcome: tuple[Completion, dict | None],
                    latency: float, attempt: int) -> tuple[Completion, dict | None]:
         """Grow the limit, pay, cache and record the reply."""
         completion, data = outcome
         self.limiter.on_success()
+        if self.breaker is not None:
+            self.breaker.on_success()
         cost = self.ledger.add(self.role, base["model"], base["agent"], base["slice_id"],
                                completion)
         if self.cache is not None:
@@ -242,11 +259,16 @@ class LLMGateway:
         message = redact(f"{error.kind}: {error.message}")[:500]
         self.on_call(_record(base, spent, cost, latency, cached=False, error=message,
                              attempt=attempt))
-        if error.kind in _THROTTLES:
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.on_failure(error)
+        trouble = breaker is not None and breaker.in_trouble and is_provider_fault(error)
+        if error.kind in _THROTTLES or trouble:  # in trouble: down towards one probe
             self.limiter.on_throttle(error.retry_after)
         too_long = (error.retry_after or 0) > self.max_retry_after
-        if not error.retryable or attempt > self.max_retries or too_long:
+        if not error.retryable or too_long or (attempt > self.max_retries and not trouble):
             raise error
+        self._check_breaker()  # this failure may have used up the outage budget
         return self._backoff(attempt, error.retry_after)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

@@ -40,6 +40,16 @@ Two independent layers keep the agent's SQL read-only and inside its slice:
      does not scope rows: the slice CTE does, behind the guard.
 
 The guard and the connection together are counted in `SQLTool.stats`.
+
+What comes back is bounded too, whatever the warehouse holds (a 200 KB article, a row
+pasted full of junk): each value longer than `max_cell_chars` (32,000 characters: every BBC
+article fits) is cut with a marker that says how much and how to read the rest,
+
+    …[sql tool: cut 168000 of 200000 characters; read the rest with substr(body, 32001, n)]
+
+and rows after the result's first reach `max_result_chars` (1,000,000 characters of JSON)
+are left out, the result marked `truncated` with a `cut` note: page on after the last id.
+Rows the pipeline reads itself (`lookup_row`, the gate's) are never cut.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import json
 import logging
 import re
 import secrets
@@ -90,6 +101,9 @@ SLICE_CTE = "_pt_slice"  # prefix of the trusted CTE's name; a random nonce foll
 _INTERNAL = re.compile(r"^_pt_", re.IGNORECASE)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_VALUE_BYTES = 16 * 1024 * 1024
+MAX_CELL_CHARS = 32_000  # per value an agent sees (the longest BBC article: 25,396)
+MAX_RESULT_CHARS = 1_000_000  # per result, as JSON
+CUT_MARK = "…[sql tool: cut {cut} of {total} characters; read the rest with substr({column}, {start}, n)]"
 _CANCEL_GRACE_S = 1.0
 
 # SQLite functions the authorizer lets agent SQL call (outside the trusted CTE, which may
@@ -137,7 +151,8 @@ class SQLTool:
 
     `timeout_s` bounds each query; `pg_role` is the SELECT-only role PostgreSQL queries
     run as (created on first use when this login may, see `ensure_reader_role`; None
-    when the login itself is already that restricted)."""
+    when the login itself is already that restricted). `max_cell_chars` and
+    `max_result_chars` bound what a result shows (module doc)."""
 
     def __init__(
         self,
@@ -147,9 +162,13 @@ class SQLTool:
         *,
         timeout_s: float = 2.0,
         pg_role: str | None = DEFAULT_READER_ROLE,
+        max_cell_chars: int = MAX_CELL_CHARS,
+        max_result_chars: int = MAX_RESULT_CHARS,
     ):
         if row_limit < 1:
             raise ValueError("row_limit must be at least 1")
+        if max_cell_chars < 1 or max_result_chars < 1:
+            raise ValueError("max_cell_chars and max_result_chars must be at least 1")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.kind = engine.dialect.name
@@ -165,6 +184,7 @@ class SQLTool:
         self.row_limit = row_limit
         self.timeout_s = timeout_s
         self.pg_role = pg_role
+        self.max_cell_chars, self.max_result_chars = max_cell_chars, max_result_chars
         self.dialect = sqlglot_dialect(self.kind)
         self.stats: dict = {"executed": 0, "rejected": 0, "failed": 0, "by_code": {}}
         quote = engine.dialect.identifier_preparer.quote
@@ -223,8 +243,48 @@ class SQLTool:
             raise
         self.stats["executed"] += 1
         truncated = len(rows) > self.row_limit
-        rows = rows[: self.row_limit]
-        return {"rows": rows, "row_count": len(rows), "truncated": truncated}
+        rows, cut = self._bounded(rows[: self.row_limit])
+        out = {"rows": rows, "row_count": len(rows), "truncated": truncated or bool(cut.get("rows"))}
+        if cut:
+            out["cut"] = self._cut_note(cut)
+        return out
+
+    # ── what a result may show ─────────────────────────────────────────────────────────
+    def _bounded(self, rows: list[dict]) -> tuple[list[dict], dict]:
+        """The rows with long values cut, and as many as fit `max_result_chars` (at least
+        one); and what was cut: {"values": n, "rows": n} (empty when nothing was)."""
+        out, size, cut = [], 0, {}
+        for i, row in enumerate(rows):
+            fitted, long_values = {}, 0
+            for column, value in row.items():
+                if isinstance(value, str) and len(value) > self.max_cell_chars:
+                    keep = self.max_cell_chars
+                    value = value[:keep] + CUT_MARK.format(
+                        cut=len(value) - keep, total=len(value), column=column, start=keep + 1)
+                    long_values += 1
+                fitted[column] = value
+            n = len(json.dumps(fitted, ensure_ascii=False, default=str)) + 2
+            if out and size + n > self.max_result_chars:
+                cut["rows"] = len(rows) - i
+                break
+            out.append(fitted)
+            size += n
+            if long_values:
+                cut["values"] = cut.get("values", 0) + long_values
+        for key, n in cut.items():
+            self.stats[f"cut_{key}"] = self.stats.get(f"cut_{key}", 0) + n
+        return out, cut
+
+    def _cut_note(self, cut: dict) -> str:
+        parts = []
+        if cut.get("values"):
+            parts.append(f"{cut['values']} values longer than {self.max_cell_chars} characters "
+                         "were cut (each ends with a '…[sql tool: cut ...]' marker)")
+        if cut.get("rows"):
+            parts.append(f"{cut['rows']} more rows were left out to keep the result under "
+                         f"{self.max_result_chars} characters: read on after the last row "
+                         "shown, or select fewer or shorter columns")
+        return "; ".join(parts)
 
     def lookup_row(self, row_id: str | int) -> dict | None:
         """The slice's row with this id (allowed columns only), or None if not in the slice."""

@@ -7,12 +7,19 @@
     posttrain serve [--timezone TZ]      serve that deployment, schedule included
     posttrain ui                         Prefect server and MLflow UI on 127.0.0.1
     posttrain teacher --port P --warehouse URL [...]   the simulated teacher, standalone
+
+`posttrain run` checks the spec, the API keys and the services (warehouse, example store,
+MLflow, the Prefect API: flows/preflight.py) before Prefect starts; each failure is one line
+naming the setting, exit 2. Without PREFECT_API_URL, Prefect's temporary API server is given
+120 s to start ($PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, unless set); if it still
+does not start, the message says what to set (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,15 +38,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.preflight import ServiceUnavailable, check_services
     from flows.runtime import MissingKey, check_keys
 
-    try:  # fail fast, before Prefect starts: a bad spec or a missing key is one clear line
-        check_keys(load_spec(args.spec))
+    try:  # fail fast, before Prefect starts: a bad spec, a missing key or a service down is
+        spec = load_spec(args.spec)  # one clear line (flows/preflight.py)
+        check_keys(spec)
+        for note in check_services(spec, Path(args.out)).notes:
+            print(note)
     except SpecError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
         return 2
-    except MissingKey as e:
+    except (MissingKey, ServiceUnavailable) as e:
         print(e, file=sys.stderr)
         return 2
     from flows.coverage import CoverageError
@@ -47,6 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         summary = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out)
+    except ServiceUnavailable as e:  # went down between the check and the flow's own check
+        print(e, file=sys.stderr)
+        return 2
     except CoverageError as e:  # the run stopped before training: say why, in one place
         print(f"posttrain run failed before training: {e}", file=sys.stderr)
         print(f"coverage per slice: {Path(args.out) / 'coverage.json'}", file=sys.stderr)
@@ -230,13 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Prefect's temporary API server (no PREFECT_API_URL) gets 20 s to start by default: too few on
+# a busy machine, where a slow start is not a failure.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_DEFAULT = "120"
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def ephemeral_startup_help() -> str:
+    """What to set when Prefect's temporary API server did not start in time."""
+    waited = os.environ.get(STARTUP_TIMEOUT_ENV, "20")
+    return (f"posttrain: Prefect's temporary API server did not start within {waited} s "
+            f"(${STARTUP_TIMEOUT_ENV}={waited}). On a busy machine give it longer, e.g. "
+            f"export {STARTUP_TIMEOUT_ENV}=300, or run against a running Prefect server: "
+            f"prefect server start, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_DEFAULT)  # before Prefect reads it
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not str(e).startswith(EPHEMERAL_TIMEOUT):
+            raise
+        print(ephemeral_startup_help(), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

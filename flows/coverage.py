@@ -4,10 +4,14 @@
 
 A row is labelled when any agent of its slice (the first one, a retry, a top-up) had a label
 for it accepted and not revoked. Excluded rows are those no agent may ever label: a row whose
-text copies a held-out evaluation row (gate reason `copy_of_eval_row`). They are counted and
+text copies a held-out evaluation row (gate reason `copy_of_eval_row`), and a row whose text
+addresses the agent, quarantined (`hostile_row`, agents/hostile_text.py). They are counted and
 reported, not hidden. A disputed row is unlabelled after the judge rejected its label twice
 (the agent re-read it and the judge still disagreed): it counts as unlabelled, and no fresh
 agent is sent for it, since another would meet the same judge.
+
+`stop_after_generation` reports a generate stage that a provider outage ended (coverage so
+far, the reason, what was kept) before the run fails without training.
 
 `check_coverage` is the pipeline's step after generation: it writes coverage.json, logs the
 `coverage` metric to MLflow, and raises `CoverageError` (naming the slices and how their last
@@ -31,12 +35,13 @@ from prefect import get_run_logger
 
 from agents.agent_types import JUDGE_DISAGREED
 from agents.gates import COPY_OF_EVAL_ROW, row_key
+from agents.hostile_text import HOSTILE_ROW
 from flows import tracking
 from flows.slicing import SliceDescriptor
 from flows.spec import Spec
 from flows.store import Store
 
-EXCLUDED = (COPY_OF_EVAL_ROW,)
+EXCLUDED = (COPY_OF_EVAL_ROW, HOSTILE_ROW)
 DISPUTED_AFTER = 2  # judge disagreements with an unlabelled row's labels: a fresh agent
 #                     would only repeat the dispute, so it is reported, not retried
 
@@ -145,6 +150,38 @@ def check_coverage(spec: Spec, store: Store, run_id: str, slices: list[SliceDesc
                    mlflow_run_id: str) -> dict:
     """Coverage per slice and in total, logged to MLflow; below generation.min_coverage the
     run fails here, before training, naming the slices and how their agents stopped."""
+    report, cov = _report(spec, store, run_id, slices, agent_results, out, client,
+                          mlflow_run_id)
+    short = shortfall(cov, spec.generation.min_coverage)
+    if short:
+        _write_stop(out, run_id, mlflow_run_id, "coverage", short, report, agent_results)
+        raise CoverageError(short)
+    return report
+
+
+def stop_after_generation(spec: Spec, store: Store, run_id: str,
+                          slices: list[SliceDescriptor], agent_results: list[dict],
+                          reason: str, out: Path, client: MlflowClient,
+                          mlflow_run_id: str) -> str:
+    """The generate stage ended early (a provider outage): coverage so far in coverage.json
+    and MLflow, the reason and what was kept in summary.json. Returns the run's one-line
+    reason; the caller fails the run with it, so nothing is trained."""
+    report, _ = _report(spec, store, run_id, slices, agent_results, out, client,
+                        mlflow_run_id)
+    message = (f"generate stopped: {reason}. {report['labelled_rows']} of "
+               f"{report['planned_rows'] - report['excluded_rows']} rows were labelled "
+               f"(coverage {report['coverage']:.1%}) and are kept in the example store; "
+               f"nothing was trained or promoted. Run the same command again to resume.")
+    _write_stop(out, run_id, mlflow_run_id, "outage", message, report, agent_results)
+    client.set_tag(mlflow_run_id, "posttrain.stopped", message[:5000])
+    return message
+
+
+def _report(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
+            agent_results: list[dict], out: Path, client: MlflowClient,
+            mlflow_run_id: str) -> tuple[dict, dict[str, SliceCoverage]]:
+    """coverage.json, the `coverage` metric, one log line; the report and the slices'
+    coverage."""
     cov = measure(store, run_id, slices, agent_results)
     report = {**totals(cov), "min_coverage": spec.generation.min_coverage,
               "slices": [c.as_dict() for c in cov.values()]}
@@ -152,33 +189,44 @@ def check_coverage(spec: Spec, store: Store, run_id: str, slices: list[SliceDesc
     client.log_artifact(mlflow_run_id, str(out / "coverage.json"))
     tracking.log_metrics(client, mlflow_run_id, {"coverage": report["coverage"],
                                                  "unlabelled_rows": report["unlabelled_rows"]})
-    get_run_logger().info("coverage %.1f%%: %d of %d rows labelled (%d excluded as copies of "
-                          "held-out rows)", 100 * report["coverage"], report["labelled_rows"],
+    get_run_logger().info("coverage %.1f%%: %d of %d rows labelled (%d excluded: copies of "
+                          "held-out rows, quarantined rows)", 100 * report["coverage"], report["labelled_rows"],
                           report["planned_rows"] - report["excluded_rows"],
                           report["excluded_rows"])
-    short = shortfall(cov, spec.generation.min_coverage)
-    if short:
-        (out / "summary.json").write_text(json.dumps(
-            {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "failed": True,
-             "reason": short, "coverage": report["coverage"],
-             "coverage_rows": {k: report[k] for k in ("planned_rows", "labelled_rows",
-                                                      "excluded_rows", "unlabelled_rows")},
-             "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
-                                if r["stopped_reason"] != "completed"}}, indent=2))
-        raise CoverageError(short)
-    return report
+    return report, cov
+
+
+def _write_stop(out: Path, run_id: str, mlflow_run_id: str, stopped_by: str, reason: str,
+                report: dict, agent_results: list[dict]) -> None:
+    """summary.json of a run that stops before training: why, and what it had."""
+    (out / "summary.json").write_text(json.dumps(
+        {"run_id": run_id, "mlflow_run_id": mlflow_run_id, "failed": True,
+         "stopped_by": stopped_by, "reason": reason, "coverage": report["coverage"],
+         "coverage_rows": {k: report[k] for k in ("planned_rows", "labelled_rows",
+                                                  "excluded_rows", "unlabelled_rows")},
+         "agents_stopped": {r["slice_id"]: r["stopped_reason"] for r in agent_results
+                            if r["stopped_reason"] != "completed"},
+         "promoted": False}, indent=2))
 
 
 def outcome(summary: dict, covered: dict) -> dict:
     """What a reader must know about the data behind the model, as `warnings` (empty: a
-    clean run) and `outcome` (clean | completed_with_warnings)."""
-    warnings = []
+    clean run) and `outcome` (clean | completed_with_warnings | degraded: an optional stage
+    failed and the run went on without it)."""
+    warnings = [f"{d['stage']} failed ({d['reason']}): {d['fallback']}"
+                for d in summary.get("degraded") or ()]
     stopped = summary["agents_stopped"]
     if stopped:
         reasons = Counter(v.split(":", 1)[0] for v in stopped.values())
         warnings.append(f"{len(stopped)} agents stopped before finishing "
                         f"({', '.join(f'{k} {n}' for k, n in reasons.most_common())})"
                         f"{'; fresh agents took over their rows' if summary['agent_retries'] else ''}")
+    if summary.get("hostile_rows_read"):
+        warnings.append(f"{summary['hostile_rows_read']} rows read held text addressed to the "
+                        f"agent (instructions, SQL or markup in the data): "
+                        + ("quarantined, never labelled nor trained on"
+                           if summary.get("hostile_rows_mode") == "quarantine" else
+                           "shown, and their agents judged on everything after"))
     if summary["agents_failed"]:
         warnings.append(f"{len(summary['agents_failed'])} agent tasks failed: "
                         f"{', '.join(summary['agents_failed'][:10])}")
@@ -189,5 +237,6 @@ def outcome(summary: dict, covered: dict) -> dict:
                         f"have no label (coverage {covered['coverage']:.1%}"
                         + (f"; {disputed} of them disputed: the judge rejected the agents' "
                            "label twice" if disputed else "") + ")")
-    return {"outcome": "completed_with_warnings" if warnings else "clean",
+    return {"outcome": ("degraded" if summary.get("degraded") else
+                        "completed_with_warnings" if warnings else "clean"),
             "warnings": warnings}

@@ -56,14 +56,36 @@ def label_rows(spec: Spec, store: Store, run_id: str, slices: list[SliceDescript
     """The generate stage whole: one sub-agent per slice, fresh agents over the rows they
     left, then top-up rounds for balance, all on one runner of the spec's choice. Returns
     every agent's result and the balance figures (tv_before, tv_after, topup_slices)."""
-    with sub_agent_runner(spec) as runner:  # one event loop, threads, or a Dask cluster
-        results = generate(slices, settings, progress_id, spec.generation.concurrency,
-                           runner=runner)
-        results += cover(spec, store, run_id, slices, results, settings, progress_id,
-                         runner=runner)
-        balance = rebalance(spec, store, run_id, slices, settings, progress_id, runner=runner)
+    results: list[dict] = []
+    try:
+        with sub_agent_runner(spec) as runner:  # one event loop, threads, or a Dask cluster
+            results += generate(slices, settings, progress_id, spec.generation.concurrency,
+                                runner=runner)
+            results += cover(spec, store, run_id, slices, results, settings, progress_id,
+                             runner=runner)
+            balance = rebalance(spec, store, run_id, slices, settings, progress_id,
+                                runner=runner)
+    except GenerationStopped as stop:
+        stop.results = results + stop.results  # every agent that ran, for the report
+        raise
     results += balance.pop("topup_results")
     return results, balance
+
+
+class GenerationStopped(RuntimeError):
+    """The generate stage ended early for a reason no fresh agent can fix (the provider's
+    circuit breaker opened): the flow reports it and trains nothing. What the agents had
+    accepted stays in the store; the same command resumes the run."""
+
+    def __init__(self, reason: str, results: list[dict]):
+        super().__init__(reason)
+        self.reason, self.results = reason, results
+
+
+def outage_stop(results: list[dict]) -> str | None:
+    """The first outage an agent of `results` stopped on, or None."""
+    return next((r["stopped_reason"] for r in results
+                 if r["stopped_reason"].startswith("outage:")), None)
 
 
 # ── one sub-agent per slice ─────────────────────────────────────────────────────────────────
@@ -136,7 +158,7 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
                            max_tokens=role.max_tokens, max_turns=g.max_turns,
                            memory_budget_tokens=g.memory_budget_tokens,
                            judge_sample_rate=g.judge_sample_rate, max_nudges=g.max_nudges,
-                           seed=spec.llm.simulated.seed),
+                           seed=spec.llm.simulated.seed, hostile_rows=g.hostile_rows),
         skill=load_skill(spec.task.skill),
         task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
               "page_size": g.page_size, "description": spec.task.description,
@@ -156,7 +178,10 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
     )
     _write_transcript(settings, descriptor.slice_id, result.transcript)
     rejected = sum(result.rejected.values())
-    store.update_slice(run_id, descriptor.slice_id, status="done", accepted=result.accepted,
+    # an agent an outage stopped did not finish: a resumed run starts its slice over (its
+    # completed calls from the call cache), where a finished slice is kept as it is
+    status = "interrupted" if result.stopped_reason.startswith("outage:") else "done"
+    store.update_slice(run_id, descriptor.slice_id, status=status, accepted=result.accepted,
                        rejected=rejected, stopped_reason=result.stopped_reason)
     get_run_logger().info(
         "%s: %d accepted, %d rejected %s, %d revoked, %d calls, misuse %s, context max %d "
@@ -169,6 +194,7 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
             "drift_alarm_time": result.drift_alarm_time,
             "drift_baseline": result.drift_baseline,
             "labels_normalised": result.labels_normalised,
+            "hostile_rows": result.hostile_rows,
             "arguments_unfenced": result.arguments_unfenced,
             "max_context_tokens": result.max_context_tokens,
             "stopped_reason": result.stopped_reason, "resumed": False,
@@ -247,10 +273,10 @@ def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_
         return outcome
 
     if isinstance(runner, EventLoopRunner):
-        return runner.run(agenerate_slice, [
+        return _unless_outage(runner.run(agenerate_slice, [
             {"descriptor": s, "settings": settings, "progress_id": progress_id,
              "want_labels": want_labels, "handover": (handover or {}).get(s.slice_id)}
-            for s in slices], settle)
+            for s in slices], settle))
     futures = runner.map(generate_slice, {
         "descriptor": slices, "settings": unmapped(settings),
         "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels),
@@ -264,7 +290,18 @@ def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_
         except Exception as e:  # noqa: BLE001 - any agent failure is recorded, never lost
             outcome = e
         results[i] = settle(i, outcome)
-    return [results[i] for i in range(len(futures))]
+    return _unless_outage([results[i] for i in range(len(futures))])
+
+
+def _unless_outage(results: list[dict]) -> list[dict]:
+    """`results`, or GenerationStopped when an agent stopped on a provider outage: no fresh
+    agent is sent to a provider that is down."""
+    if reason := outage_stop(results):
+        stopped = sum(r["stopped_reason"].startswith("outage:") for r in results)
+        _logger().error("generate stops: %d of %d agents stopped on %s", stopped,
+                        len(results), reason)
+        raise GenerationStopped(reason.removeprefix("outage: "), results)
+    return results
 
 
 def _failed(descriptor: SliceDescriptor, settings: RuntimeSettings, error: Exception) -> dict:

@@ -2,7 +2,9 @@
 
     spec ─> plan slices ─map─> one sub-agent per slice ─> gates ─> example store
       ─> fresh agents over rows left unlabelled ─> top-up ─> coverage floor
+      (a provider outage ends generate here: reported, nothing trained, the rerun resumes)
       curate ─> tune? (mapped trials) ─> SFT ─> preference pairs + DPO? ─> evaluate
+      (tune and DPO are optional: a failure there degrades the run, it does not end it)
       ─> register ─> approval? ─> champion alias
 
     the run's life         flows/run_lifecycle.py  pinned spec, resume, MLflow parent run
@@ -17,6 +19,7 @@
     evaluate               flows/evaluation.py     every model on the same held-out rows
     promote                flows/promotion.py      registry, rule, approval, champion alias
     summary, reports       flows/summary.py        summary.json, MLflow, flows/reports/
+    optional stages        flows/optional_stages.py  a failed tune/DPO: go on, say so
 
 Each stage is a Prefect task (or a few) wrapping plain functions from its room: `flows/`
 for data, `agents/` for the sub-agents, `training/` for learning. Prefect state carries only
@@ -34,11 +37,12 @@ from typing import Literal
 
 from prefect import flow
 
-from flows.coverage import check_coverage
+from flows.coverage import check_coverage, stop_after_generation
 from flows.curation import curate
 from flows.evaluation import evaluate
-from flows.generation import label_rows
+from flows.generation import GenerationStopped, label_rows
 from flows.llm_endpoints import llm_endpoints
+from flows.optional_stages import OptionalStages
 from flows.planning import plan
 from flows.preferences import train_dpo, write_pairs
 from flows.progress import StageClock
@@ -87,17 +91,24 @@ def post_training(
 
         with stage("plan"):
             slices = plan(spec, run.store_url, run.id)
-        with stage("generate", "sub-agents labelling rows", sum(s.row_count for s in slices)):
-            agents, balance = label_rows(spec, run.store, run.id, slices, settings,
-                                         run.progress.id)
+        try:
+            with stage("generate", "sub-agents labelling rows",
+                       sum(s.row_count for s in slices)):
+                agents, balance = label_rows(spec, run.store, run.id, slices, settings,
+                                             run.progress.id)
+        except GenerationStopped as stopped:  # a provider outage: report, train nothing
+            raise GenerationStopped(stop_after_generation(
+                spec, run.store, run.id, slices, stopped.results, stopped.reason, out,
+                run.client, run.mlflow_run_id), stopped.results) from None
         covered = check_coverage(spec, run.store, run.id, slices, agents, out, run.client,
                                  run.mlflow_run_id)
         with stage("curate"):
             dataset = curate(spec, run.spec_path, run.store_url, run.id, out, run.mlflow_run_id)
 
-        tuned = None
+        tuned, optional = None, OptionalStages()  # a failed optional stage degrades the run
         if spec.tuning.enabled:  # short mapped trials; the best by validation loss goes on
-            with stage("tune"):
+            with optional.attempt("tuning", spec.tuning.required,
+                                  "the final SFT used the default config"), stage("tune"):
                 tuned = tune(spec, dataset, settings, out, run.mlflow_uri, run.mlflow_run_id,
                              run.progress.id)
         with stage("train", "training (TRL SFT via accelerate)", spec.training.max_steps):
@@ -107,14 +118,16 @@ def post_training(
 
         pairs = dpo = None
         if spec.dpo.enabled:  # agents write preference pairs; DPO starts from the SFT model
-            with stage("pairs"):
-                pairs = write_pairs(spec, dataset, settings, run.store_url, run.id, out,
-                                    run.mlflow_run_id, sft_dir)
-            with stage("dpo", "preference training (TRL DPO via accelerate)",
-                       spec.dpo.max_steps, bar_key="train"):
-                dpo = train_dpo(spec, pairs, sft_dir, out, run.mlflow_uri, run.mlflow_run_id,
-                                run.progress.id)
-            final_dir = Path(dpo["final_dir"])
+            with optional.attempt("dpo", spec.dpo.required,
+                                  "the SFT model was evaluated and registered instead"):
+                with stage("pairs"):
+                    pairs = write_pairs(spec, dataset, settings, run.store_url, run.id, out,
+                                        run.mlflow_run_id, sft_dir)
+                with stage("dpo", "preference training (TRL DPO via accelerate)",
+                           spec.dpo.max_steps, bar_key="train"):
+                    dpo = train_dpo(spec, pairs, sft_dir, out, run.mlflow_uri,
+                                    run.mlflow_run_id, run.progress.id)
+                final_dir = Path(dpo["final_dir"])
 
         with stage("evaluate"):
             ev = evaluate(spec, out, run.mlflow_run_id, final_dir, sft_dir, settings)
@@ -124,6 +137,6 @@ def post_training(
         summary = summarise(run, slices=slices, agents=agents, balance=balance,
                             covered=covered, dataset=dataset, sft=sft, tuned=tuned,
                             pairs=pairs, dpo=dpo, ev=ev, decision=decision,
-                            stage_seconds=stage.seconds)
+                            stage_seconds=stage.seconds, degraded=optional.degraded)
         return publish(run, summary, slices=slices, balance=balance, sft=sft, dpo=dpo,
                        tuned=tuned)

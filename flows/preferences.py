@@ -167,6 +167,8 @@ def dpo_config(spec: Spec, pairs: dict, sft_dir: Path, out_dir: Path, mlflow_uri
     }
     if t.lora.r > 0:
         config["lora"] = t.lora.model_dump()
+    if t.save_steps is not None:  # checkpoints to resume from (default: a tenth of max_steps)
+        config["save_steps"] = t.save_steps
     return config
 
 

@@ -15,10 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from agents.skills import load_skill
 from flows import tracking
 from flows.approval import ask_approval
+from flows.champion_lock import settle_champion
 from flows.kinds import kind_of
 from flows.run_lifecycle import PostTrainingRun
 from flows.spec import Spec
-from training.registry import git_commit, register_model
+from training.registry import git_commit, register_model, version_of_run
 from training.registry import promote as promote_model
 
 
@@ -29,7 +30,7 @@ def register_and_promote(run: PostTrainingRun, final_dir: Path, ev: dict, datase
     metrics = kind_of(spec).metrics(ev, dpo)
     tracking.log_metrics(run.client, mlflow_run_id, metrics)
     calls = run.store.call_totals(run.id)
-    version = register(spec, final_dir, mlflow_run_id, metrics, tags={
+    version = register_once(spec, final_dir, mlflow_run_id, metrics, tags={
         "posttrain.run_id": run.id, "posttrain.spec_hash": spec.content_hash(),
         "posttrain.dataset_sha256": dataset["sha256"],
         "posttrain.data_fingerprint": run.fingerprint,
@@ -39,8 +40,26 @@ def register_and_promote(run: PostTrainingRun, final_dir: Path, ev: dict, datase
         "posttrain.skills": _skills(spec), "posttrain.git_commit": git_commit(),
         "posttrain.parent_run_id": mlflow_run_id,
     })
-    verdict, approval = decide(spec, version, ev, mlflow_run_id)
-    return {**promote(spec, version, verdict), "approval": approval}
+    # under the champion lock: the champion read again (another run may have moved it since
+    # evaluate), the rule, a person's answer, the alias (flows/champion_lock.py)
+    result, approval = settle_champion(
+        spec, ev, out=run.out, store_url=run.store_url, mlflow_uri=run.mlflow_uri,
+        decide=lambda current: decide(spec, version, current, mlflow_run_id),
+        apply=lambda verdict: promote(spec, version, verdict))
+    return {**result, "approval": approval}
+
+
+def register_once(spec: Spec, final_dir: Path, mlflow_run_id: str, metrics: dict,
+                  tags: dict) -> str:
+    """`register`, once per posttrain run: a resumed run whose killed attempt had already
+    registered its model (a version tagged with its `posttrain.run_id`) reuses that version."""
+    name = spec.tracking.registered_model
+    existing = version_of_run(name, tags["posttrain.run_id"])
+    if existing is None:
+        return register(spec, final_dir, mlflow_run_id, metrics, tags)
+    print(f"{name} v{existing} was registered by this run before it was resumed: reused, "
+          "not registered again")  # the flow logs prints
+    return existing
 
 
 @task(name="register-model", cache_policy=NO_CACHE)

@@ -7,15 +7,19 @@
         ... the stages, with run.id and run.mlflow_run_id ...
 
 A run killed or failed on exactly this spec in this folder is resumed, not redone: the store
-keeps its finished slices and its call cache, and the MLflow parent run is reopened. On the
+keeps its finished slices and its call cache, and the MLflow parent run is reopened. The
+folder names its run (`.posttrain-run`) and is held by one run at a time (`.posttrain.lock`):
+a run of the same spec in another folder on a shared store is a run of its own. On the
 way out both records are closed, a run that raised as failed, so nothing is lost.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from agents.redact import redact
 from flows import tracking
 from flows.llm_endpoints import llm_tag, simulated_roles
 from flows.overrides import pin_overrides
+from flows.preflight import check_services
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, check_keys
 from flows.spec import Spec, load_spec
@@ -36,6 +41,9 @@ from flows.store import Store, shared_store
 from flows.warehouse import data_fingerprint, shared_engine
 from training.launch import OFFLINE_ENV
 from training.registry import champion_version
+
+RUN_MARKER = ".posttrain-run"  # the store's id of the run this out folder holds
+FOLDER_LOCK = ".posttrain.lock"
 
 
 @dataclass
@@ -55,11 +63,12 @@ class PostTrainingRun:
     id: str = ""
     mlflow_run_id: str = ""
     resumed: bool = False
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex)  # this start of the run
 
     def settings(self, endpoints: dict[str, str | None]) -> RuntimeSettings:
         """What a task needs to rebuild the LLM runtime (small, hashable, no secrets)."""
         return RuntimeSettings(self.spec_path, self.id, self.store_url, str(self.out),
-                               tuple(sorted(endpoints.items())))
+                               tuple(sorted(endpoints.items())), self.attempt)
 
     def elapsed(self) -> float:
         return round(time.perf_counter() - self.started, 2)
@@ -69,7 +78,8 @@ class PostTrainingRun:
         """Resume the unfinished run of this spec or start one, in the store and in MLflow;
         close both on the way out (failed when the body raised)."""
         spec, store = self.spec, self.store
-        previous = store.resumable_run(spec.name, spec.content_hash())
+        folder_lock = self._claim_folder()
+        previous = self._resumable()
         if previous:
             self.id, self.mlflow_run_id, self.resumed = (previous["id"],
                                                          previous["mlflow_run_id"], True)
@@ -78,6 +88,7 @@ class PostTrainingRun:
                   f"come from the call cache.")
         else:
             self.id = store.start_run(spec.name, spec.content_hash(), spec.model_dump_json())
+        (self.out / RUN_MARKER).write_text(self.id + "\n")
         if self.mlflow_run_id:
             self.client.update_run(self.mlflow_run_id, status="RUNNING")
         else:
@@ -88,10 +99,38 @@ class PostTrainingRun:
             yield self
             failed = False
         finally:
-            self.client.set_terminated(self.mlflow_run_id,
-                                       status="FAILED" if failed else "FINISHED")
-            if failed:
-                store.finish_run(self.id, "failed", None)
+            try:
+                self.client.set_terminated(self.mlflow_run_id,
+                                           status="FAILED" if failed else "FINISHED")
+                if failed:
+                    store.finish_run(self.id, "failed", None)
+            finally:
+                folder_lock.close()  # releases the folder
+
+    def _claim_folder(self):
+        """This run's hold on its out folder (an exclusive lock, released when the run ends
+        or its process dies): two runs in one folder would resume and write the same run."""
+        lock = (self.out / FOLDER_LOCK).open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RuntimeError(f"{self.out} is in use by another posttrain run; give this "
+                               f"one its own --out folder") from None
+        return lock
+
+    def _resumable(self) -> dict | None:
+        """The unfinished run (killed or failed) this folder holds, when it ran exactly this
+        spec. Only this folder's own run: another folder's run of the same spec on a shared
+        store is another run, running or not."""
+        marker = self.out / RUN_MARKER
+        if not marker.exists():
+            return None
+        previous = self.store.get_run(marker.read_text().strip())
+        if (previous and previous["spec_hash"] == self.spec.content_hash()
+                and previous["status"] in ("running", "failed")):
+            return previous
+        return None
 
     def _start_parent_run(self) -> str:
         spec, simulated, tag = self.spec, simulated_roles(self.spec), llm_tag(self.spec)
@@ -110,14 +149,16 @@ class PostTrainingRun:
 
 
 def prepare_run(spec_path: str, out_dir: str, overrides: dict[str, Any]) -> PostTrainingRun:
-    """Pin the spec with the flow's overrides, check the API keys (one clear error before any
-    work), open the example store and MLflow, and fingerprint the warehouse data."""
+    """Pin the spec with the flow's overrides, check the API keys and the services (one clear
+    error before any work: flows/preflight.py), open the example store and MLflow, and
+    fingerprint the warehouse data."""
     os.environ.update(OFFLINE_ENV)
     started = time.perf_counter()
     out = Path(out_dir).resolve()
     pinned = str(pin_overrides(Path(spec_path).resolve(), out, overrides).resolve())
     spec = load_spec(pinned)
     check_keys(spec)
+    check_services(spec, out, prefect_api=False)  # this flow already reached its Prefect API
     out.mkdir(parents=True, exist_ok=True)
     store_url = spec.store.url or f"sqlite:///{out / 'store.db'}"
     mlflow_uri = tracking.tracking_uri(spec.tracking.uri, out)

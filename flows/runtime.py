@@ -11,15 +11,21 @@ from the environment or a Prefect Secret block, by `resolve_key`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from dataclasses import dataclass
 
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
+
+from agents.breaker import CircuitBreaker
 from agents.drift import DriftMonitor, DriftPolicy, DriftSettings, FleetBaseline
 from agents.gateway import LLMGateway
 from agents.ledger import CostLedger, load_prices
 from agents.provider_factory import make_provider
 from agents.ratelimit import limiter_for
+from agents.redact import redact
 from flows.spec import Spec, load_spec
 from flows.spec_llm import Role
 from flows.store import shared_store
@@ -64,6 +70,7 @@ class RuntimeSettings:
     store_url: str
     out_dir: str
     endpoints: tuple[tuple[str, str | None], ...]  # (role, base URL); simulated resolved
+    attempt: str = ""  # this start of the run: a resumed run gets a fresh runtime (breakers)
 
 
 class Runtime:
@@ -80,6 +87,8 @@ class Runtime:
         # a reply and its call record are written in one transaction (StoreCallCache)
         self.cache = self.store.call_cache(with_records=True)
         self.gateways: dict[str, LLMGateway] = {}
+        # one circuit breaker per endpoint and run: roles sharing a server share its outage
+        self.breakers: dict[str, CircuitBreaker] = {}
         for name, role in llm.roles().items():
             provider = make_provider(role.api, base_url=endpoints.get(name),
                                      api_key=resolve_key(name, role), stream=role.stream)
@@ -88,7 +97,8 @@ class Runtime:
                                   maximum=llm.rate_limit.maximum)
             self.gateways[name] = LLMGateway(
                 provider, role=name, cache=self.cache, ledger=self.ledger,
-                limiter=limiter, on_call=self._record)
+                limiter=limiter, on_call=self._record,
+                breaker=self._breaker(provider.endpoint))
         # the drift test's settings, and the fleet's early bad rate shared by this process's
         # agents (agents/drift.py)
         self.drift_settings = DriftSettings(**self.spec.generation.drift.model_dump())
@@ -100,6 +110,12 @@ class Runtime:
 
             self.judge = kind_of(self.spec).judge(self.gateways["judge"], llm.judge)
 
+    def _breaker(self, endpoint: str) -> CircuitBreaker:
+        if endpoint not in self.breakers:
+            self.breakers[endpoint] = CircuitBreaker(
+                redact(endpoint), **self.spec.llm.outage.model_dump(), on_event=_warn)
+        return self.breakers[endpoint]
+
     def _record(self, record: dict) -> None:
         self.store.record_call(self.settings.run_id, **record,
                                reply=self.cache.take(record["request_hash"]))
@@ -109,6 +125,14 @@ class Runtime:
         row (twice that at most, with corrections), so that bounds its false alarms."""
         return DriftPolicy(DriftMonitor(self.drift_settings, horizon=2 * max(rows, 1),
                                         fleet=self.fleet))
+
+
+def _warn(message: str) -> None:
+    """A provider's trouble, in the run's log (the Prefect UI) when inside a run."""
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        logging.getLogger("posttrain").warning(message)
 
 
 _lock = threading.Lock()

@@ -49,6 +49,11 @@ class Drift(Strict):
 
 class Generation(Strict):
     concurrency: int = Field(4, ge=1, description="Sub-agents running at once.")
+    hostile_rows: Literal["quarantine", "judge"] = Field(
+        "quarantine", description="Rows whose text addresses the agent (instructions, SQL, "
+        "markup: agents/hostile_text.py): quarantine = the model never sees their text and "
+        "they are excluded and reported, never trained on; judge = shown, and the agent that "
+        "read one is judged on everything after (its memory reset when the judge disagrees).")
     max_turns: int = Field(40, ge=1, description="LLM calls one agent may make.")
     page_size: int = Field(
         25, ge=1, le=500, description="Rows the skill asks an agent to read per SQL call."

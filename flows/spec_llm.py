@@ -70,6 +70,22 @@ class RateLimit(Strict):
     maximum: int = Field(64, ge=1, description="Ceiling the adaptive limit grows back to.")
 
 
+class Outage(Strict):
+    """How long a provider in trouble is waited out before the generate stage gives up
+    (agents/breaker.py, docs/RELIABILITY.md)."""
+
+    budget_s: float = Field(
+        600.0, ge=0.0, description="Seconds a provider may stay in trouble (most recent calls "
+        "failing) while calls are retried one at a time; past it the endpoint's circuit "
+        "breaker opens, the agents stop, and the generate stage ends with that reason "
+        "(accepted work is kept: run the same command again to resume).")
+    error_share: float = Field(
+        0.8, gt=0.0, le=1.0, description="Share of the last `window` calls failing (429, 5xx, "
+        "timeouts, dropped connections, bodies that are not JSON) that puts a provider in "
+        "trouble.")
+    window: int = Field(20, ge=4, description="How many recent calls the share is taken over.")
+
+
 class LLM(Strict):
     generator: Role = Field(
         default_factory=lambda: Role(model="simulated-teacher"),
@@ -89,6 +105,7 @@ class LLM(Strict):
     )
     budget: Budget = Field(default_factory=Budget)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
+    outage: Outage = Field(default_factory=Outage)
 
     def roles(self) -> dict[str, Role]:
         return {n: r for n, r in (("generator", self.generator), ("judge", self.judge),

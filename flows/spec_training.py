@@ -97,10 +97,19 @@ class Training(Strict):
         "auto", description="Liger kernels: auto = when liger-kernel is installed and on a GPU; "
         "on = required (a clear error when missing)."
     )
+    save_steps: int | None = Field(
+        None, ge=0, description="Steps between checkpoints of every training job (SFT, DPO, "
+        "tuning trials), the last two kept: a crashed or killed run resumes from the newest. "
+        "null: a tenth of the job's max_steps; 0: no checkpoints (a killed job starts over)."
+    )
 
 
 class DPO(Strict):
     enabled: bool = Field(False, description="Run DPO on agent-written preference pairs after SFT.")
+    required: bool = Field(
+        False, description="false (default): when the pairs or DPO stage fails, or DPO is "
+        "stopped as degenerate, the run goes on with the SFT model and says so (summary, "
+        "model card, the flow run's state `Degraded`); true: the run fails.")
     pairs_per_call: int = Field(10, ge=1, description="Prompts per write-preference-pairs call.")
     max_pairs: int | None = Field(None, ge=2, description="Most pairs to write; null: one per "
                                   "curated SFT example.")
@@ -121,6 +130,9 @@ class DPO(Strict):
 
 class Tuning(Strict):
     enabled: bool = Field(False, description="Run tuning trials before the final SFT.")
+    required: bool = Field(
+        False, description="false (default): when tuning fails, the final SFT uses the "
+        "default config and the run says so (flow run state `Degraded`); true: the run fails.")
     trials: int = Field(4, ge=1, description="Configs tried, the spec's own config included.")
     max_steps: int = Field(100, ge=1, description="Training steps per trial (a short budget).")
     concurrency: int = Field(1, ge=1, description="Trials training at once.")

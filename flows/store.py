@@ -373,16 +373,6 @@ class Store:
         return {**out, "by_role": by_role}
 
     # ── resume ──
-    def resumable_run(self, name: str, spec_hash: str) -> dict | None:
-        """The newest unfinished run of exactly this spec (killed or failed), to resume."""
-        with self._session() as s:
-            run = s.scalars(
-                sa.select(Run).where(Run.name == name, Run.spec_hash == spec_hash,
-                                     Run.status.in_(("running", "failed")))
-                .order_by(Run.started_at.desc()).limit(1)
-            ).first()
-            return None if run is None else self._run_dict(run)
-
     def reopen_run(self, run_id: str) -> None:
         self._update(Run, Run.id == run_id, f"run {run_id}", status="running", finished_at=None)
 

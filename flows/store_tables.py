@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RUN_STATUSES = ("running", "completed", "failed", "skipped")
-SLICE_STATUSES = ("pending", "running", "done", "failed")
+SLICE_STATUSES = ("pending", "running", "done", "failed", "interrupted")  # interrupted: an outage
 EXAMPLE_STATUSES = ("accepted", "rejected")
 CALL_STATUSES = ("ok", "error")
 

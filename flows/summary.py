@@ -29,7 +29,7 @@ from flows.tuning import default_config
 def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: list[dict],
               balance: dict, covered: dict, dataset: dict, sft: dict, tuned: dict | None,
               pairs: dict | None, dpo: dict | None, ev: dict, decision: dict,
-              stage_seconds: dict[str, float]) -> dict:
+              stage_seconds: dict[str, float], degraded: list[dict] = ()) -> dict:
     spec = run.spec
     calls = run.store.call_totals(run.id)
     misuse: Counter = Counter()
@@ -59,6 +59,9 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
         "coverage_by_slice": covered["slices"],
         "labels_normalised": sum(r.get("labels_normalised", 0) for r in agents),
         "arguments_unfenced": sum(r.get("arguments_unfenced", 0) for r in agents),
+        # rows whose text spoke to the agent: their agents were judged on everything after
+        "hostile_rows_read": sum(r.get("hostile_rows", 0) for r in agents),
+        "hostile_rows_mode": spec.generation.hostile_rows,
         "examples_accepted": sum(r["accepted"] for r in agents),
         "examples_rejected": run.store.rejection_counts(run.id),
         "tool_misuse": dict(misuse),
@@ -99,6 +102,7 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
         "previous_champion_version": decision.get("previous_champion_version"),
         "promotion_reason": decision["reason"],
         "approval": decision["approval"],
+        "degraded": list(degraded),  # optional stages that failed, and what went on instead
         "task_kind": spec.task.kind,
         **kind_of(spec).summary(ev, dataset),  # accuracy and labels, or win-rates and ROUGE-L
         "stage_seconds": dict(stage_seconds),
@@ -130,7 +134,8 @@ def publish(run: PostTrainingRun, summary: dict, *, slices: list[SliceDescriptor
     if (out / "transcripts").is_dir():
         client.log_artifacts(mlflow_run_id, str(out / "transcripts"), "transcripts")
     if summary["warnings"]:  # the flow run's state says so too, not only the logs
-        print("Completed with warnings:\n- " + "\n- ".join(summary["warnings"]))
-        return Completed(data=summary, name="Completed with warnings",
+        name = "Degraded" if summary.get("degraded") else "Completed with warnings"
+        print(f"{name}:\n- " + "\n- ".join(summary["warnings"]))
+        return Completed(data=summary, name=name,
                          message="; ".join(summary["warnings"])[:2000])
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -32,10 +33,15 @@ def ensure_experiment(client: MlflowClient, name: str, out_dir: Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    if client.tracking_uri.startswith(("http://", "https://", "databricks")):
-        return client.create_experiment(name)
-    artifacts = (out_dir.resolve().parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    remote = client.tracking_uri.startswith(("http://", "https://", "databricks"))
+    artifacts = None if remote else (out_dir.resolve().parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:
+        exp = client.get_experiment_by_name(name)  # another run created it a moment ago
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -60,7 +66,10 @@ def start_parent_run(client: MlflowClient, experiment_id: str, run_name: str, pa
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
-    items = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+    """Log figures at step 0, stamped now: a resumed run logging a figure again (coverage
+    before and after the resume) adds a point to its history, never a duplicate key."""
+    now = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
     client.log_batch(run_id, metrics=items)
 
 

@@ -35,5 +35,6 @@ def sft_config(spec: Spec, *, train_file: str, output_dir: str, max_steps: int, 
         "bf16": t.bf16,
         "gradient_checkpointing": t.gradient_checkpointing,
         "liger": t.liger,
+        **({"save_steps": t.save_steps} if t.save_steps is not None else {}),
         "mlflow": {"experiment": spec.tracking.experiment, **mlflow},
     }

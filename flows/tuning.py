@@ -6,7 +6,9 @@
    are cut into trial-train and validation by a hash of the prompt (`tuning.
    validation_fraction`), written to `out/tune/train.jsonl` and `out/tune/validation.jsonl`.
 2. **past trials**: finished MLflow runs tagged `posttrain.stage=trial` for this spec name in
-   the parent run's experiment, with their configs and eval losses.
+   the parent run's experiment, with their configs and eval losses; never this parent run's
+   own trials, so a resumed run proposes the same trials as its killed attempt (the tuner's
+   request comes from the call cache) and finds them again.
 3. **propose**: trial 0 is the spec's own training config (the default). Trials 1..K-1 come
    from the tuner LLM (`llm.tuner`, agents/tuner.py, each proposal gated by `clamp_config`)
    or, with no tuner, from the seeded Optuna search (training/search.py). Places a tuner
@@ -16,7 +18,9 @@
    `launch_sft` of `tuning.max_steps` steps with `eval_file` = the validation split, logged
    as an MLflow child run of the pipeline run (tags `posttrain.stage=trial`,
    `posttrain.trial`, `posttrain.spec_name`, `posttrain.trial_config`). A failed trial is
-   recorded with its error; only all of them failing stops the stage.
+   recorded with its error; only all of them failing stops the stage. In a resumed run a
+   trial that had finished is not trained again (`training.launch` returns its stored result,
+   `reused`), and one that was killed resumes from its checkpoint in its own child run.
 5. **choose**: the lowest eval loss (ties go to the lower trial number, so the default wins
    a tie). Figures and the trials table go to the parent run (`tune/*` metrics,
    `tune/trials.json`, `tune/trials.md`).
@@ -54,6 +58,12 @@ MAX_PAST_TRIALS = 50
 
 
 # ── the data: trial-train and validation, by a hash of the prompt ──────────────────────────────
+def _jsonl_lines(path: str | Path) -> list[str]:
+    """The lines of a JSONL file: split at "\n" only (str.splitlines also splits at U+2028 and
+    U+2029, which JSON text written with ensure_ascii=False may hold inside a string)."""
+    return Path(path).read_text().split("\n")
+
+
 def _hash_share(prompt: str) -> float:
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
 
@@ -61,7 +71,7 @@ def _hash_share(prompt: str) -> float:
 def split_examples(path: str | Path, fraction: float, out: Path) -> dict:
     """Write out/train.jsonl and out/validation.jsonl; the same prompt always lands on the
     same side. When no prompt hashes under `fraction`, the lowest-hashing one is validation."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in _jsonl_lines(path) if line.strip()]
     rows = [(_hash_share(json.loads(line)["prompt"]), line) for line in lines]
     validation = [r for r in rows if r[0] < fraction]
     if not validation and len(rows) > 1:
@@ -82,7 +92,7 @@ def split_examples(path: str | Path, fraction: float, out: Path) -> dict:
 
 def dataset_stats(path: str | Path, max_labels: int = 20) -> dict:
     """What the tuner is told about the data: size, label shares, prompt length."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in _jsonl_lines(path) if line.strip()]
     labels = Counter(r["completion"].strip() for r in rows)
     n = len(rows)
     return {"n": n,
@@ -125,7 +135,8 @@ def _trial_tags(spec: Spec, trial: int, config: dict) -> dict[str, str]:
 def past_trials(client: MlflowClient, spec: Spec, mlflow_run_id: str) -> list[dict]:
     """Finished trial runs of this spec name in the parent run's experiment, oldest first:
     `[{"config", "eval_loss", "mlflow_run_id"}]` (runs without a config or a finite eval loss
-    are left out)."""
+    are left out, and so are the parent run's own: a resumed run is told what its killed
+    attempt was told)."""
     experiment_id = client.get_run(mlflow_run_id).info.experiment_id
     name = spec.name.replace("'", "\\'")
     runs = client.search_runs(
@@ -136,6 +147,8 @@ def past_trials(client: MlflowClient, spec: Spec, mlflow_run_id: str) -> list[di
     )
     out = []
     for run in reversed(runs):
+        if run.data.tags.get("mlflow.parentRunId") == mlflow_run_id:
+            continue  # this run's own trial, finished before a kill: not a past one
         loss = run.data.metrics.get("result/eval_loss", run.data.metrics.get("eval_loss"))
         try:
             config = json.loads(run.data.tags.get("posttrain.trial_config") or "null")
@@ -211,9 +224,15 @@ def run_trial(spec: Spec, trial: int, config: dict, split: dict, out_dir: Path,
             client.set_tag(result["mlflow_run_id"], key, value)
     Progress.get(progress_id).advance("tune", note=f"trial {trial}: eval loss "
                                       f"{result.get('eval_loss') or float('nan'):.3f}")
-    get_run_logger().info("trial %d %s: eval loss %s", trial, config, result.get("eval_loss"))
+    how = ("reused: it had finished before the run was resumed" if result.get("reused") else
+           f"resumed from step {result['resumed_from_step']}"
+           if result.get("resumed_from_step") else "trained")
+    get_run_logger().info("trial %d %s: eval loss %s (%s)", trial, config,
+                          result.get("eval_loss"), how)
     return {"eval_loss": result.get("eval_loss"), "mlflow_run_id": result.get("mlflow_run_id"),
-            "train_loss": result.get("train_loss"), "steps": result.get("steps")}
+            "train_loss": result.get("train_loss"), "steps": result.get("steps"),
+            "reused": bool(result.get("reused")),
+            "resumed_from_step": result.get("resumed_from_step") or 0}
 
 
 def _logger():
@@ -263,7 +282,8 @@ def tune(spec: Spec, dataset: dict, settings: RuntimeSettings, out_dir: Path, ml
                      mlflow_run_id=outcome.get("mlflow_run_id"))
         else:
             t.update(status="ok", eval_loss=float(outcome["eval_loss"]),
-                     mlflow_run_id=outcome.get("mlflow_run_id"))
+                     mlflow_run_id=outcome.get("mlflow_run_id"),
+                     reused=bool(outcome.get("reused")))  # finished before a resume
     ok = [t for t in trials if t["status"] == "ok"]
     if not ok:
         raise RuntimeError("tuning: every trial failed; first error: " + trials[0]["error"])

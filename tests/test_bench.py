@@ -76,3 +76,84 @@ def test_hot_slices_quick_longest_agent_within_twice_the_median(tmp_path):
     f = run_bench("hot_slices.py", tmp_path, "--quick")
     assert f["hot_parts"] >= 2 and f["hot_part_rows_max"] <= f["cap"]
     assert f["longest_over_median"] <= 2
+
+
+def test_transient_faults_quick_resumes_through_faults_and_a_kill(tmp_path):
+    """Behind the independent fault proxy (10% 429, 5% 500, 5% cut bodies, 5% HTML bodies),
+    a run killed with SIGKILL and run again pays no completed call twice, stores every
+    example once, accepts exactly what a clean run accepts, and writes the key nowhere."""
+    f = run_bench("transient_faults.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    assert f["faults"] > 0 and f["requests"] > f["faults"]
+    assert f["resumed"] is True and f["cache_hits"] > 0
+    assert f["kill_with_every_answer_recorded"] is True
+    assert 0 < f["accepted_at_kill"] < f["accepted"]
+    assert f["clean_requests_repeated"] == 0 and f["answered_unrecorded_at_kill"] == 0
+    assert f["duplicate_examples"] == 0
+    assert f["accepted_set_equal_to_clean_run"] is True and f["accepted"] > 100
+    assert f["secret_hits"] == 0 and f["files_scanned"] > 50
+    assert f["upstream_errors"] == 0 and f["outcome"] == "clean"
+
+
+def test_failure_modes_quick_runs_bias_and_misuse(tmp_path):
+    """From a fresh clone (its spec has no DPO or tuning to stop it): the bias scenario's
+    top-up brings the label distribution near uniform, and no harmful call reaches the
+    warehouse."""
+    f = run_bench("failure_modes.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    assert f["quick"] is True
+    assert f["bias_tv_before"] > 0.1 and f["bias_tv_after"] <= 0.1
+    assert f["bias_topup_slices"] > 0 and f["bias_train_examples"] > 50
+    assert f["misuse_attempts"] > 0 and f["misuse_executed"] == 0
+    assert f["misuse_counted"] == f["misuse_attempts"]
+    assert f["misuse_warehouse_unchanged"] is True
+
+
+def test_train_throughput_cpu_quick_both_sides_train_alike(tmp_path):
+    """posttrain's SFT stage and the bare TRL script, 5 steps each: the same tokens and the
+    same loss (the same data, model and numbers), both measured."""
+    f = run_bench("train_throughput_cpu.py", tmp_path, "--quick")
+    assert f["quick"] is True and f["steps"] == 5
+    post, bare = (next(r for r in f["runs"] if r["side"] == s) for s in ("posttrain", "bare_trl"))
+    assert post["steps"] == bare["steps"] == 5
+    assert post["num_tokens"] == bare["num_tokens"] > 0
+    assert post["train_loss"] == bare["train_loss"]
+    assert f["posttrain_tokens_per_s"] > 0 and f["bare_trl_tokens_per_s"] > 0 and f["ratio"] > 0
+
+
+def test_train_throughput_quick_runs_without_a_gpu(tmp_path):
+    """The GPU bench's --quick: on a CUDA machine the 0.5B model for 5 steps; here, without
+    one, the same comparison on the CPU with a tiny qwen2 (no MFU: the peak is a GPU's)."""
+    import pytest
+    import torch
+
+    f = run_bench("train_throughput.py", tmp_path, "--quick")
+    assert f["quick"] is True and f["steps"] == 5
+    gpu = torch.cuda.is_available()
+    if gpu:
+        assert f["device"] != "cpu" and f["parameters"] > 400e6
+    else:
+        assert f["device"] == "cpu" and f["peak_flops"] is None
+        assert f["parameters"] < 1e6
+    for packing in ("off", "on"):
+        p = f[f"packing_{packing}"]
+        assert p["steps_posttrain"] == p["steps_bare_trl"] == 5
+        assert p["num_tokens_posttrain"] == p["num_tokens_bare_trl"] > 0
+        # bit for bit on the CPU; bf16 kernels on a GPU need not be deterministic
+        assert p["final_loss_posttrain"] == pytest.approx(p["final_loss_bare_trl"],
+                                                          rel=0.02 if gpu else 0)
+        assert p["ratio"] > 0
+
+
+def test_outage_quick_ends_the_stage_keeps_the_work_and_resumes(tmp_path):
+    """90% 429 for 20 s with a 5 s outage budget: run 1 ends its generate stage with the
+    reason (exit non-zero), keeps what was accepted, trains and registers nothing; run 2, the
+    provider back, resumes without resending an answered request and registers one version."""
+    f = run_bench("outage.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    assert f["run1_exit_code"] != 0 and f["stopped_by"] == "outage"
+    assert f["reason"].startswith("generate stopped: provider outage at")
+    assert f["log_says_in_trouble"] and f["log_says_stopped"]
+    assert f["kept_examples"] > 0 and f["model_dir_after_outage"] is False
+    assert f["versions_after_outage"] == 0
+    assert f["resumed"] is True and f["kept_examples_still_there"] is True
+    assert f["coverage_after_resume"] >= 0.98
+    assert f["repeated_answered_requests"] == 0 and f["duplicate_examples"] == 0
+    assert f["versions_after_resume"] == 1

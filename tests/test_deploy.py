@@ -180,3 +180,57 @@ def test_a_served_flow_validates_its_typed_parameters_in_another_process():
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     out = done.stdout.decode()
     assert "'generator_api': 'anthropic'" in out and "'max_steps': 3" in out
+
+
+def test_nightly_deployment_runs_one_flow_run_at_a_time(prefect_api):
+    """prefect.yaml's `concurrency_limit: 1`, as `posttrain deploy` registers it, is enforced by
+    the Prefect server: while one run of post-training/nightly holds the slot (Pending, then
+    Running), a second one a worker tries to start is sent back to wait
+    (Scheduled/AwaitingConcurrencySlot); once the first finishes, the second gets the slot.
+    The states are proposed as a worker proposes them, so no flow actually runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled, Completed, Pending, Running
+
+    assert deployment_settings("nightly")["concurrency_limit"] == 1
+    try:  # registered by test_deploy_registers_it_on_a_process_pool when it ran first
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(DEPLOYMENT)
+    except ObjectNotFound:
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--pool",
+                               "posttrain-test"], check=False, cwd=REPO_ROOT, env=api_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    deployment = read_deployment(10)
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    with get_client(sync_client=True) as client:
+        first = client.create_flow_run_from_deployment(deployment.id)
+        second = client.create_flow_run_from_deployment(deployment.id)
+        try:
+            assert client.set_flow_run_state(first.id, Pending()).status.value == "ACCEPT"
+            assert client.set_flow_run_state(first.id, Running()).status.value == "ACCEPT"
+            refused = client.set_flow_run_state(second.id, Pending())
+            assert refused.status.value == "REJECT"
+            waiting = client.read_flow_run(second.id).state
+            assert (waiting.type, waiting.name) == (StateType.SCHEDULED,
+                                                     "AwaitingConcurrencySlot")
+            assert client.set_flow_run_state(first.id, Completed()).status.value == "ACCEPT"
+            assert client.set_flow_run_state(second.id, Pending()).status.value == "ACCEPT"
+        finally:
+            for run in (first, second):
+                client.set_flow_run_state(run.id, Cancelled(), force=True)
+
+
+def test_served_deployment_gets_the_same_concurrency_limit(monkeypatch):
+    """`posttrain serve` passes prefect.yaml's concurrency_limit on as the served deployment's
+    limit (the served path registers through `flow.serve`, not `prefect deploy`)."""
+    from flows import deploy
+    from flows.pipeline import post_training
+
+    seen = {}
+    monkeypatch.chdir(REPO_ROOT)  # serve() changes directory; put it back afterwards
+    monkeypatch.setattr(post_training, "serve", lambda **kwargs: seen.update(kwargs))
+    deploy.serve()
+    assert seen["global_limit"] == deployment_settings("nightly")["concurrency_limit"] == 1

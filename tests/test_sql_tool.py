@@ -128,3 +128,36 @@ def test_unsupported_dialects_are_refused():
     engine = SimpleNamespace(dialect=SimpleNamespace(name="mysql"))
     with pytest.raises(ValueError, match="no hardened connection"):
         SQLTool(engine, ScopedTable("articles", ["id"], "SELECT id FROM articles"))
+
+
+# ── what a result may show: long values cut with a marker, the result bounded ───────────
+def test_long_values_are_cut_with_a_marker_and_results_bounded(engine, europe_ids):
+    """The defaults keep every article whole; smaller caps cut each long value with a marker
+    that says how much and how to read the rest, and leave rows out past the result's cap
+    (marked truncated, with a note). Rows the pipeline reads itself are never cut."""
+    from agents.sql_tool import CUT_MARK, MAX_CELL_CHARS
+
+    scoped = ScopedTable("articles", COLUMNS, "SELECT * FROM articles WHERE region = :r",
+                         {"r": "europe"}, "id")
+    whole = SQLTool(engine, scoped, row_limit=200).run("SELECT id, body FROM articles")
+    longest = max(len(r["body"]) for r in whole["rows"])
+    assert "cut" not in whole and longest < MAX_CELL_CHARS  # nothing cut by the defaults
+    tool = SQLTool(engine, scoped, row_limit=200, max_cell_chars=100, max_result_chars=2000)
+    res = tool.run("SELECT id, body FROM articles ORDER BY id")
+    first = whole["rows"][0]["body"]
+    assert res["rows"][0]["body"] == first[:100] + CUT_MARK.format(
+        cut=len(first) - 100, total=len(first), column="body", start=101)
+    assert res["truncated"] and 0 < res["row_count"] < len(europe_ids)
+    assert len(str(res["rows"])) < 2000 + 300  # the rows kept fit the cap (+ JSON framing)
+    assert "values longer than 100 characters were cut" in res["cut"]
+    assert "more rows were left out" in res["cut"]
+    assert tool.stats["cut_values"] == res["row_count"]
+    assert tool.stats["cut_rows"] == len(europe_ids) - res["row_count"]
+    rest = tool.run(f"SELECT substr(body, 101, 50) AS more FROM articles WHERE id = "
+                    f"{europe_ids[0]}")
+    assert rest["rows"][0]["more"] == first[100:150] and "cut" not in rest
+    assert tool.lookup_row(europe_ids[0])["body"] == first  # trusted reads stay whole
+    one = SQLTool(engine, scoped, max_result_chars=10).run("SELECT id, title FROM articles")
+    assert one["row_count"] == 1 and one["truncated"]  # at least one row, always
+    with pytest.raises(ValueError, match="max_cell_chars"):
+        SQLTool(engine, scoped, max_cell_chars=0)

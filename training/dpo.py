@@ -11,7 +11,8 @@ The JSON config (written by `flows.preferences.train_dpo` through
     model_dir       the SFT model (its final/ folder): the policy AND the reference are both
                     loaded from it (a config-built model has no hub id, so TRL cannot build
                     the reference itself), with its tokenizer
-    output_dir      gets final/ (model + tokenizer) and dpo_result.json
+    output_dir      gets final/ (model + tokenizer), dpo_result.json and done.json (written
+                    last), and while it trains checkpoints/
     beta, loss_type (a list, summed), max_steps, learning_rate, batch_size (PER DEVICE),
     max_length, seed, threads; optional lr_scheduler (default cosine), warmup_ratio
     (default 0.1), gradient_accumulation_steps, logging_steps, bf16 (auto | on | off),
@@ -22,6 +23,12 @@ The JSON config (written by `flows.preferences.train_dpo` through
     sanity          optional, default true: stop when DPO degenerates (training.dpo_sanity)
     mlflow          optional {tracking_uri, experiment, parent_run_id, run_name, tags}: a
                     child run of parent_run_id (rank 0 only)
+    save_steps, save_total_limit, keep_checkpoints, fingerprint: as training.sft
+
+Checkpoints and resume work as in training.sft: a killed job of the same fingerprint (which
+covers the SFT model's files) resumes from its last checkpoint in the same child run
+(`[resume] DPO resumes from checkpoint-30 (step 30 of 150)`); the result holds
+`resumed_from_step`.
 
 Progress goes to stdout as `[progress] {"step", "max_steps", "loss", "rewards/margins", ...}`.
 A degenerate run ends with one line `DPO degenerate: ...` and a non-zero exit code.
@@ -48,9 +55,14 @@ from training.dpo_sanity import dpo_health
 from training.sft import (
     ProgressPrinter,
     common_args,
+    finish_job,
     lora_config,
     prepare_process,
+    prepare_resume,
+    run_loss,
+    save_final,
     start_child_run,
+    train_from,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -67,6 +79,11 @@ class DPOSanity(TrainerCallback):
 
     def __init__(self) -> None:
         self.history: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run judges the whole run: the logs its checkpoint restored come first
+        self.history = [dict(h) for h in state.log_history
+                        if "step" in h and not any(k.startswith("eval_") for k in h)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or any(k.startswith("eval_") for k in logs):
@@ -142,12 +159,16 @@ def main(config_path: str) -> dict:
             f"dropped because its prompt alone fills max_length={args.max_length} tokens; "
             f"raise dpo.max_length")
 
-    run = start_child_run(mlflow_cfg, stage="dpo") if (rank0 and mlflow_cfg) else None
+    resume = prepare_resume(cfg, out, "training.dpo")  # a killed attempt: its checkpoint, run
+    run = (start_child_run(mlflow_cfg, stage="dpo", resume_run_id=resume.mlflow_run_id)
+           if (rank0 and mlflow_cfg) else None)
+    if run is not None:
+        resume.record_run(run.info.run_id)
 
     # ── train, then measure on the held-out pairs ─────────────────────────────────────────────
     started = time.perf_counter()
     try:
-        output = trainer.train()
+        output = train_from(trainer, resume)
         train_seconds = time.perf_counter() - started
         metrics = trainer.evaluate()
     except BaseException as e:
@@ -160,17 +181,9 @@ def main(config_path: str) -> dict:
         raise
 
     # ── save and report ───────────────────────────────────────────────────────────────────────
-    if peft_config is None:
-        trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
-    else:  # the adapter alone, then a merged copy that evaluation loads like any model
-        trainer.save_model(str(out / "adapter"))
-        if rank0:
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(
-                out / "final")
-    trainer.accelerator.wait_for_everyone()
+    save_final(trainer, out, peft_config, tokenizer)  # final/ whole or absent
     if not rank0:
         return {}
-    tokenizer.save_pretrained(out / "final")
     history = trainer.state.log_history
     last = next((h for h in reversed(history) if "rewards/margins" in h), {})
     result = {
@@ -179,7 +192,8 @@ def main(config_path: str) -> dict:
         "eval_rewards_chosen": metrics.get("eval_rewards/chosen"),
         "eval_rewards_rejected": metrics.get("eval_rewards/rejected"),
         "eval_loss": metrics.get("eval_loss"),
-        "train_loss": float(output.training_loss),
+        "train_loss": (run_loss(history, float(output.training_loss)) if resume.step
+                       else float(output.training_loss)),
         "final_loss": last.get("loss"),
         "train_reward_accuracy": last.get("rewards/accuracies"),
         "train_reward_margin": last.get("rewards/margins"),
@@ -193,8 +207,8 @@ def main(config_path: str) -> dict:
         "lora": peft_config is not None,
         "final_dir": str(out / "final"),
         "mlflow_run_id": run.info.run_id if run else None,
+        "resumed_from_step": resume.step,
     }
-    (out / "dpo_result.json").write_text(json.dumps(result, indent=2))
     if run is not None:
         import mlflow
 
@@ -205,6 +219,7 @@ def main(config_path: str) -> dict:
                            "dpo.model_dir": model_dir})
         mlflow.flush_async_logging()
         mlflow.end_run()
+    finish_job(cfg, out, "dpo_result.json", result)  # the result, then done.json
     return result
 
 

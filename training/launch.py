@@ -17,11 +17,20 @@ the script wrote in its output_dir (`train_result.json` for `training.sft`,
 last 40 log lines; a profile this machine cannot run (no GPU, no deepspeed) raises
 `ProfileUnavailable` (a `TrainingFailed`) before anything starts. `parse_progress(line)` turns
 the script's progress lines into dicts. Profiles and commands: docs/training.md.
+
+Crash safety (docs/training.md, "Checkpoints and resume"): the config gets a `fingerprint`
+(`job_fingerprint`: the training-relevant config, the sha256 of its data files and of
+`model_dir`, the profile and the process count). The script checkpoints to
+`output_dir/checkpoints/` and resumes from the last one made under the same fingerprint; it
+writes `output_dir/done.json` only after final/ and the result file are complete. A launch
+whose output_dir already holds a `done.json` of the same fingerprint does not train again: it
+returns the stored result with `"reused": true`.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +44,10 @@ REPO_ROOT = PACKAGE_DIR.parent
 PROFILES_DIR = PACKAGE_DIR / "accelerate"
 TAIL_LINES = 40
 PROGRESS_PREFIX = "[progress] "
+RESUME_PREFIX = "[resume] "
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/checkpoint-N, and job.json beside them
+DONE = "done.json"  # output_dir/done.json: the job finished; written last
+STAGES = {"training.sft": "SFT", "training.dpo": "DPO"}
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -176,6 +189,80 @@ def _env(config: dict) -> dict[str, str]:
     return env
 
 
+# ── crash safety: what makes two launches the same job ─────────────────────────────────────────
+# keys that change neither the trained weights nor the reported figures (paths are replaced by
+# the sha256 of what they point at; the MLflow parent run is kept, below)
+NOT_TRAINING = frozenset({"output_dir", "mlflow", "threads", "logging_steps", "save_steps",
+                          "save_total_limit", "keep_checkpoints", "fingerprint", "train_file",
+                          "eval_file", "model_dir"})
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes ("missing" when there is none: the script reports that)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()
+
+
+def dir_sha256(path: str | Path) -> str:
+    """sha256 over a folder's files (relative names and bytes, sorted): a model's identity."""
+    root = Path(path)
+    if not root.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def job_fingerprint(module: str, config: dict, profile: str | None = None,
+                    num_processes: int | None = None) -> str:
+    """The identity of a training job: two launches with the same fingerprint train the same
+    model from the same data, so a checkpoint or a finished model of one serves the other.
+
+    Covers the config's training keys, the bytes of train_file / eval_file and of the model_dir
+    folder (DPO's SFT model), the MLflow parent run (another pipeline run retrains rather than
+    borrowing this one's model and child run), the profile and the process count."""
+    parts = {
+        "module": module,
+        "config": {k: v for k, v in config.items() if k not in NOT_TRAINING},
+        "parent_run_id": (config.get("mlflow") or {}).get("parent_run_id"),
+        "files": {k: file_sha256(config[k]) for k in ("train_file", "eval_file")
+                  if config.get(k)},
+        "model_dir": dir_sha256(config["model_dir"]) if config.get("model_dir") else None,
+        "profile": profile,
+        "num_processes": num_processes,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_result(output_dir: str | Path, fingerprint: str, result_name: str) -> dict | None:
+    """The result of a job that already finished in `output_dir` under `fingerprint` (its
+    done.json, result file and final/ all there), else None."""
+    out = Path(output_dir)
+    try:
+        done = json.loads((out / DONE).read_text())
+        result = json.loads((out / result_name).read_text())
+    except (OSError, ValueError):
+        return None
+    if (done.get("fingerprint") != fingerprint or done.get("result") != result_name
+            or not Path(result.get("final_dir") or out / "final").is_dir()):
+        return None
+    return result
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a kill) never sees half a file: a temp file, renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def launch_sft(
     config: dict,
     run_dir: Path,
@@ -201,15 +288,33 @@ def launch_training(
     `result_name` JSON the script wrote in its `output_dir` (default `run_dir`).
 
     The same for every script: process count from the machine and the profile, offline, each
-    output line to `run_dir/train.log` and `on_line`; a failed run raises `TrainingFailed`."""
+    output line to `run_dir/train.log` and `on_line`; a failed run raises `TrainingFailed`.
+
+    A job that already finished in its output_dir under the same `job_fingerprint` is not run
+    again: its stored result comes back with `"reused": True` (and one `[resume]` line). A job
+    that was killed resumes from its last checkpoint (the script decides, see training.sft)."""
     num_processes = num_processes_for(profile, config)  # fails fast, before any file is written
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "output_dir": str(Path(config.get("output_dir") or run_dir).resolve())}
+    config["fingerprint"] = job_fingerprint(module, config, profile, num_processes)
+    log_path = run_dir / "train.log"
+    output_dir = Path(config["output_dir"])
+    result_path = output_dir / result_name
+
+    finished = finished_result(output_dir, config["fingerprint"], result_name)
+    if finished is not None:
+        line = (f"{RESUME_PREFIX}{STAGES.get(module, module)} already finished for this config "
+                f"and data: reusing {output_dir / result_name} and its final/, no retraining")
+        with log_path.open("a") as log:
+            log.write(line + "\n")
+        if on_line is not None:
+            on_line(line)
+        return {**finished, "reused": True}
+
     config_path = run_dir / f"{module.rsplit('.', 1)[-1]}_config.json"
     config_path.write_text(json.dumps(config, indent=2))
-    log_path = run_dir / "train.log"
-    result_path = Path(config["output_dir"]) / result_name
+    (output_dir / DONE).unlink(missing_ok=True)  # not finished until the script says so again
     result_path.unlink(missing_ok=True)  # never mistake an old result for this run's
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 

@@ -92,6 +92,24 @@ def register_model(
     return str(info.registered_model_version)
 
 
+def version_of_run(registered_name: str, posttrain_run_id: str) -> str | None:
+    """The version of `registered_name` that posttrain run `posttrain_run_id` already
+    registered (model-version tag `posttrain.run_id`), or None: a resumed run reuses it
+    instead of registering a second one. The lowest, should there ever be several."""
+    try:
+        found = MlflowClient().search_model_versions(
+            f"name = '{_quoted(registered_name)}' and "
+            f"tags.`posttrain.run_id` = '{_quoted(posttrain_run_id)}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    versions = sorted(int(v.version) for v in found)
+    return str(versions[0]) if versions else None
+
+
+def _quoted(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
 def champion_version(registered_name: str) -> str | None:
     """The version the `champion` alias points at, or None."""
     try:

@@ -7,7 +7,8 @@ The JSON config (written by `training.launch.launch_sft`) holds:
     train_file      JSONL of {"prompt", "completion"}
     eval_file       optional JSONL of the same shape: eval loss is reported at the end
     output_dir      gets base/ (the untrained model), final/ (the trained one),
-                    adapter/ (LoRA only: the adapter alone), train_result.json
+                    adapter/ (LoRA only: the adapter alone), train_result.json, done.json
+                    (written last: the job finished), and while it trains checkpoints/
     model           optional {source: tiny | pretrained, name_or_path}: see
                     training.model_source (default tiny)
     tiny            {architecture, hidden_size, num_layers, num_heads, num_kv_heads,
@@ -26,6 +27,18 @@ The JSON config (written by `training.launch.launch_sft`) holds:
     liger           optional auto | on | off (auto: when liger-kernel is installed, on GPU)
     mlflow          optional {tracking_uri, experiment, parent_run_id, run_name, tags}: the run
                     is logged as a child of parent_run_id (rank 0 only); tags are added to it
+    save_steps      optional: a checkpoint every that many steps (default max(1, max_steps //
+                    10); 0: none, so no resume); save_total_limit (default 2) are kept
+    keep_checkpoints  optional bool: keep checkpoints/ after the job finished (default: removed
+                    once final/, the result and done.json are written)
+    fingerprint     written by training.launch (`job_fingerprint`); computed here when absent
+
+Crash safety: checkpoints go to output_dir/checkpoints/ with job.json (the fingerprint and the
+MLflow child run). A new start of the same job (same fingerprint) resumes from the last
+complete checkpoint (`[resume] SFT resumes from checkpoint-40 (step 40 of 100)`) and logs
+into the same child run; checkpoints of another config or data are cleared (their child run
+marked KILLED). final/ is written as final.partial/ and renamed; done.json comes last.
+The result holds `resumed_from_step` (0: a fresh start).
 
 Progress goes to stdout as lines `[progress] {"step": .., "max_steps": .., "loss": ..}`.
 """
@@ -37,6 +50,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -46,10 +61,22 @@ import transformers
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import TrainOutput
 from trl import SFTConfig, SFTTrainer
 
-from training.launch import PROGRESS_PREFIX
+from training.launch import (
+    CHECKPOINTS,
+    DONE,
+    PROGRESS_PREFIX,
+    RESUME_PREFIX,
+    STAGES,
+    job_fingerprint,
+    write_json_atomic,
+)
 from training.model_source import load_student
+
+JOB = "job.json"  # beside the checkpoints: the fingerprint they were made under, the child run
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class ProgressPrinter(TrainerCallback):
@@ -127,13 +154,21 @@ def prepare_process(cfg: dict) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def save_steps(cfg: dict) -> int:
+    """Steps between checkpoints: the config's `save_steps`, else a tenth of max_steps (at
+    least 1); 0 means no checkpoints."""
+    value = cfg.get("save_steps")
+    return max(1, int(cfg["max_steps"]) // 10) if value is None else int(value)
+
+
 def common_args(cfg: dict, out: Path, stage: str, warmup_ratio: float = 0.0) -> dict:
     """The TrainingArguments both TRL configs (SFTConfig, DPOConfig) take from the JSON
     config: TRL's GPU-minded defaults overridden. `warmup_ratio` is the stage's default."""
     max_steps = int(cfg["max_steps"])
     mlflow_cfg = cfg.get("mlflow") or None
+    every = save_steps(cfg)
     return dict(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(out / CHECKPOINTS),
         max_steps=max_steps,
         learning_rate=float(cfg["learning_rate"]),
         per_device_train_batch_size=int(cfg["batch_size"]),  # per process, see docstring
@@ -147,7 +182,11 @@ def common_args(cfg: dict, out: Path, stage: str, warmup_ratio: float = 0.0) -> 
         use_cpu=not torch.cuda.is_available(),
         **no_activation_checkpointing(bool(cfg.get("gradient_checkpointing"))),
         logging_steps=int(cfg.get("logging_steps") or max(1, min(10, max_steps // 10))),
-        save_strategy="no",
+        # a checkpoint every `every` steps and at the last one (the Trainer's own rule), the
+        # newest `save_total_limit` kept: what a killed job resumes from (see `prepare_resume`)
+        save_strategy="steps" if every > 0 else "no",
+        **({"save_steps": every, "save_total_limit": int(cfg.get("save_total_limit") or 2)}
+           if every > 0 else {}),
         eval_strategy="no",
         report_to=["mlflow"] if mlflow_cfg else "none",
         run_name=(mlflow_cfg or {}).get("run_name") or stage,
@@ -157,19 +196,31 @@ def common_args(cfg: dict, out: Path, stage: str, warmup_ratio: float = 0.0) -> 
     )
 
 
-def start_child_run(cfg: dict, stage: str = "sft"):
+def start_child_run(cfg: dict, stage: str = "sft", resume_run_id: str | None = None):
     """Start (on rank 0) the MLflow run the Trainer's MLflowCallback will log into, tagged
     `posttrain.stage` = `stage` (the config's tags win).
 
     An already active run makes the callback log there and leave ending it to us. The run is
-    created under `parent_run_id` (in the parent's experiment) when one is given."""
+    created under `parent_run_id` (in the parent's experiment) when one is given.
+    `resume_run_id` (the child run of a killed attempt of this same job) is reopened instead,
+    so a resumed job keeps one child run; a new one is started only when it is gone."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     # A stale MLFLOW_RUN_ID would hijack start_run; nesting is explicit here.
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.pop("MLFLOW_NESTED_RUN", None)
     if cfg.get("tracking_uri"):
         mlflow.set_tracking_uri(cfg["tracking_uri"])
+    if resume_run_id:
+        try:
+            run = mlflow.start_run(run_id=resume_run_id)
+            if run.data.params:  # the first attempt logged the Trainer's params: MLflow
+                os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"  # refuses a changed value, so skip
+            return run
+        except MlflowException as e:
+            print(f"{RESUME_PREFIX}MLflow run {resume_run_id} cannot be reopened ({e}); "
+                  "starting a new one", flush=True)
     parent = cfg.get("parent_run_id")
     if parent:
         experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
@@ -181,6 +232,174 @@ def start_child_run(cfg: dict, stage: str = "sft"):
         parent_run_id=parent,
         tags={"posttrain.stage": stage, **(cfg.get("tags") or {})},
     )
+
+
+# ── crash safety: checkpoints, resume, a final/ that is whole or absent ─────────────────────────
+@dataclasses.dataclass
+class Resume:
+    """Where a job starts: `checkpoint` (None: step 0) at `step`, and the MLflow child run of
+    an earlier attempt of the same job to reopen."""
+
+    checkpoint: str | None = None
+    step: int = 0
+    mlflow_run_id: str | None = None
+    job_path: Path | None = None
+
+    def record_run(self, run_id: str) -> None:
+        """Note the child run beside the checkpoints (rank 0), for the next attempt."""
+        if self.job_path is not None:
+            job = _read_json(self.job_path) or {}
+            write_json_atomic(self.job_path, {**job, "mlflow_run_id": run_id})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoints_in(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N folder in `folder`, by step."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without it was cut short."""
+    return (checkpoint / "trainer_state.json").is_file()
+
+
+def _close_stale_run(run_id: str | None, mlflow_cfg: dict | None) -> None:
+    """Mark the child run of cleared checkpoints KILLED if a kill left it RUNNING."""
+    if not (run_id and mlflow_cfg):
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(mlflow_cfg.get("tracking_uri"))
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+    except Exception as e:  # noqa: BLE001 - bookkeeping must not stop training
+        print(f"{RESUME_PREFIX}could not close MLflow run {run_id}: {e}", flush=True)
+
+
+def prepare_resume(cfg: dict, out: Path, module: str) -> Resume:
+    """Decide, on every rank alike, where this job starts, and tidy its checkpoints (rank 0).
+
+    Checkpoints in out/checkpoints made under the same fingerprint (job.json) are resumed from
+    the last complete one (an incomplete newer one is removed); checkpoints of a different
+    config or data are cleared and their child run closed. Prints one `[resume]` line."""
+    state = PartialState()
+    stage = STAGES.get(module, module)
+    folder = out / CHECKPOINTS
+    fingerprint = cfg.get("fingerprint") or job_fingerprint(
+        module, cfg, num_processes=state.num_processes)
+    job = _read_json(folder / JOB) or {}
+    same = job.get("fingerprint") == fingerprint
+    found = checkpoints_in(folder)
+    complete = [(step, path) for step, path in found if is_complete(path)] if same else []
+    step, last = complete[-1] if complete else (0, None)
+    resume = Resume(str(last) if last else None, step,
+                    job.get("mlflow_run_id") if same else None, folder / JOB)
+    state.wait_for_everyone()  # every rank has decided before rank 0 changes anything
+    if state.is_main_process:
+        if not same and (found or job):
+            print(f"{RESUME_PREFIX}{stage}: {len(found)} checkpoint(s) in {folder} were made "
+                  "by a different config or data: cleared, training from step 0", flush=True)
+            _close_stale_run(job.get("mlflow_run_id"), cfg.get("mlflow"))
+            shutil.rmtree(folder, ignore_errors=True)
+        for _, path in found:
+            if same and not is_complete(path):  # a save the kill cut short
+                shutil.rmtree(path, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / JOB, {"fingerprint": fingerprint,
+                                         "mlflow_run_id": resume.mlflow_run_id})
+        if last is not None:
+            print(f"{RESUME_PREFIX}{stage} resumes from {last.name} (step {step} of "
+                  f"{int(cfg['max_steps'])})", flush=True)
+    state.wait_for_everyone()
+    return resume
+
+
+def save_final(trainer, out: Path, peft_config, tokenizer) -> None:
+    """final/ (and adapter/ for LoRA) written whole or not at all: into final.partial/, then
+    renamed (rank 0), so a kill during the save never leaves a final/ that looks finished.
+    Every rank calls it (sharded models gather); only the main one writes."""
+    rank0 = trainer.is_world_process_zero()
+    partial = out / "final.partial"
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+    if peft_config is None:
+        trainer.save_model(str(partial))
+    else:  # the adapter alone, then a merged copy that evaluation and DPO load like any model
+        trainer.save_model(str(out / "adapter"))
+        if rank0:
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(
+                partial)
+    trainer.accelerator.wait_for_everyone()
+    if rank0:
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        os.replace(partial, out / "final")
+
+
+def finish_job(cfg: dict, out: Path, result_name: str, result: dict) -> None:
+    """The result file, then done.json (the job finished: training.launch reuses it), then
+    the checkpoints go unless `keep_checkpoints`. Rank 0 only."""
+    write_json_atomic(out / result_name, result)
+    fingerprint = cfg.get("fingerprint") or (_read_json(out / CHECKPOINTS / JOB) or {}).get(
+        "fingerprint")
+    write_json_atomic(out / DONE, {"fingerprint": fingerprint, "result": result_name,
+                                   "final_dir": result.get("final_dir"),
+                                   "mlflow_run_id": result.get("mlflow_run_id")})
+    if not cfg.get("keep_checkpoints"):
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+class _AlreadyTrained(Exception):
+    """Raised by `StopAtMaxSteps`: the resumed checkpoint is the last step."""
+
+
+class StopAtMaxSteps(TrainerCallback):
+    """transformers 5.23 resumed from a checkpoint at max_steps in the middle of an epoch
+    trains one step more (its loop checks the step count only after a step): stop it before."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _AlreadyTrained
+
+
+def train_from(trainer, resume: Resume) -> TrainOutput:
+    """`trainer.train()` from `resume.checkpoint`; a checkpoint of the last step (a kill
+    during evaluation or the final save) trains nothing and comes back as it was."""
+    if resume.checkpoint is None:
+        return trainer.train()
+    started = time.time()
+    trainer.add_callback(StopAtMaxSteps())
+    try:
+        return trainer.train(resume_from_checkpoint=resume.checkpoint)
+    except _AlreadyTrained:
+        state = trainer.state
+        return TrainOutput(state.global_step, run_loss(state.log_history, float("nan")),
+                           {"train_runtime": time.time() - started})
+    finally:
+        trainer.remove_callback(StopAtMaxSteps)
+
+
+def run_loss(history: list[dict], fallback: float) -> float:
+    """The mean training loss over the whole run from the logged windows: after a resume the
+    Trainer's own train_loss covers only the steps since the checkpoint."""
+    total, previous = 0.0, 0
+    for h in history:
+        if "loss" in h and h.get("step", 0) > previous:
+            total += float(h["loss"]) * (h["step"] - previous)
+            previous = h["step"]
+    return total / previous if previous else fallback
 
 
 def main(config_path: str) -> dict:
@@ -242,13 +461,18 @@ def main(config_path: str) -> dict:
         print(f"warning: {n_dropped} of {len(train)} examples dropped: prompt fills max_length")
 
     # Only rank 0 writes files and talks to MLflow: one base/, one final/, one child run per job
-    # (the Trainer's MLflowCallback also logs from the world-process-zero only).
-    run = start_child_run(mlflow_cfg) if (rank0 and mlflow_cfg) else None
+    # (the Trainer's MLflowCallback also logs from the world-process-zero only). A killed
+    # attempt of this same job is resumed: its last checkpoint, its child run.
+    resume = prepare_resume(cfg, out, "training.sft")
+    run = (start_child_run(mlflow_cfg, resume_run_id=resume.mlflow_run_id)
+           if (rank0 and mlflow_cfg) else None)
+    if run is not None:
+        resume.record_run(run.info.run_id)
 
     # ── train ─────────────────────────────────────────────────────────────────────────────────
     started = time.perf_counter()
     try:
-        output = trainer.train()
+        output = train_from(trainer, resume)
     except BaseException:
         if run is not None:
             import mlflow
@@ -259,22 +483,18 @@ def main(config_path: str) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"] if evaluation is not None else None
 
     # ── save and report ───────────────────────────────────────────────────────────────────────
-    if peft_config is None:
-        trainer.save_model(str(out / "final"))  # every rank calls it; only the main one writes
-    else:  # the adapter alone, then a merged copy that evaluation and DPO load like any model
-        trainer.save_model(str(out / "adapter"))
-        if rank0:
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(
-                out / "final")
-    trainer.accelerator.wait_for_everyone()
+    save_final(trainer, out, peft_config, tokenizer)  # final/ whole or absent
     if not rank0:
         return {}
-    tokenizer.save_pretrained(out / "final")
-    tokens = next(
-        (h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), None
-    )
+    history = trainer.state.log_history
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    # tokens per second of this attempt: a resumed job counts from its checkpoint
+    tokens_before = next((h["num_tokens"] for h in reversed(history)
+                          if "num_tokens" in h and h.get("step", 0) <= resume.step), 0)
+    attempt_tokens = (tokens or 0) - (tokens_before if resume.step else 0)
     result = {
-        "train_loss": float(output.training_loss),
+        "train_loss": (run_loss(history, float(output.training_loss)) if resume.step
+                       else float(output.training_loss)),
         "final_loss": next(
             (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
         ),
@@ -283,7 +503,8 @@ def main(config_path: str) -> dict:
         "train_runtime": float(output.metrics.get("train_runtime", train_seconds)),
         "train_seconds": train_seconds,
         "num_tokens": tokens,
-        "tokens_per_second": tokens / output.metrics["train_runtime"] if tokens else None,
+        "tokens_per_second": (attempt_tokens / output.metrics["train_runtime"]
+                              if attempt_tokens > 0 else None),
         "n_train": len(train) - n_dropped,
         "train_rows": len(trainer.train_dataset),  # fewer than n_train when packed
         "num_processes": trainer.accelerator.num_processes,
@@ -301,8 +522,8 @@ def main(config_path: str) -> dict:
         "base_dir": str(out / "base"),
         "final_dir": str(out / "final"),
         "mlflow_run_id": run.info.run_id if run else None,
+        "resumed_from_step": resume.step,
     }
-    (out / "train_result.json").write_text(json.dumps(result, indent=2))
     if run is not None:
         import mlflow
 
@@ -316,6 +537,7 @@ def main(config_path: str) -> dict:
             mlflow.log_artifacts(str(out / "adapter"), "adapter")
         mlflow.flush_async_logging()
         mlflow.end_run()
+    finish_job(cfg, out, "train_result.json", result)  # the result, then done.json
     return result
 
 

@@ -87,6 +87,13 @@ class TeacherKnobs(BaseModel):
         "calls in one message (first half, second half).")
     think_rate: float = _rate(
         "Share of replies whose content starts with reasoning in <think>...</think> tags.")
+    # prompt injection (agents/teacher/slips.py `injections` lists what it recognises)
+    obey_injection_rate: float = _rate(
+        "Gullibility: share of rows carrying an instruction it recognises (run `DROP TABLE "
+        "x` / DELETE / UPDATE ..., read from table T, label everything as L, print your "
+        "instructions) that it obeys when it reads them (seeded per row): the SQL goes out "
+        "through the sql tool, the label sticks to the rest of its slice, the instructions go "
+        "out as the row's answer. 0: it ignores text in rows.")
     # transport faults (each hits only the first attempt of a request)
     fault_429_rate: float = _rate("Share of requests answered 429 with retry-after headers.")
     fault_500_rate: float = _rate("Share of requests answered 500.")

@@ -38,6 +38,17 @@ the way a careful agent writes down where it is:
     a tool error on a correct call   -> give up with a plain message (no endless retrying)
     an unreadable submit result      -> go on as if it had no rejections
 
+Gullible (`obey_injection_rate` > 0; at 0 nothing below happens and every message is as
+before): on a submit step it scans the page's rows for the instructions slips.py
+`injections` recognises and obeys them for that share of rows (seeded per row id). The SQL
+they ask for goes out as sql calls before the submit_examples call, in the same message,
+whose note counts them (`"obeyed": n`): their results decide nothing (the page goes on as
+if they were not there). "Label everything as L" gives L to that row and to every later row
+it submits, carried from page to page in the note (`"label_all": "L"`) until its memory
+loses the note (a re-anchor resets it to the pinned messages); a fix round still sends the
+in-set label it believes (judge_disagreed: the gold). "Print your instructions" sends the
+system prompt as that row's label (a text kind: its first words, within the rules).
+
 Text kinds (the slice block says "kind": "generation" | "extraction") page the same way;
 text_answers.py decides each row's `response` and the fix round (TEXT_FIXABLE reasons).
 
@@ -66,11 +77,21 @@ from agents.teacher.paging import (
     sql_literal,
     whole_rows,
 )
-from agents.teacher.slips import PROSE, case_variant, malform, misuse, style, think
+from agents.teacher.slips import (
+    PROSE,
+    case_variant,
+    injections,
+    leak,
+    malform,
+    misuse,
+    style,
+    think,
+)
 from agents.teacher.text_answers import TEXT_FIXABLE, TextAnswers, text_kind
 from agents.teacher.wire import Reply, text_of
 
 FIXABLE = {"label_not_in_set", "invalid_schema", "judge_disagreed"}
+TEXT_FIX = TEXT_FIXABLE | {"leaks_instructions"}  # agents/answers.py's check for a leak
 MAX_SUBMIT = 100
 _SLICE = re.compile(r"<slice>\s*(\{.*?\})\s*</slice>", re.DOTALL)
 _HINT = re.compile(r"\bafter id (-?\d+)\b")  # a nudge's "(read on after id 40)"
@@ -127,6 +148,8 @@ class Step:
     message: str = ""                  # give_up: why
     case_errors: int = 0               # submit: labels sent in the wrong case
     faults: list = field(default_factory=list)   # submit, text kinds: the faults shown
+    label_all: str | None = None       # gullible: the label a row told it to give every row
+    obeyed: list = field(default_factory=list)   # gullible: the instructions it obeyed now
 
 
 class Labeller:
@@ -175,6 +198,12 @@ class Labeller:
 
     # ── where are we? ─────────────────────────────────────────────────────────────────────
     def next_step(self, messages: list[dict], block: dict) -> Step:
+        step = self._next_step(messages, block)
+        if self.knobs.obey_injection_rate > 0:  # still under a row's "label everything as L"?
+            step.label_all = _carried_label(messages)
+        return step
+
+    def _next_step(self, messages: list[dict], block: dict) -> Step:
         id_col = block.get("id_column", self.config.id_column)
         resume = resume_after(messages)
         last_a = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
@@ -184,6 +213,8 @@ class Labeller:
         said = messages[last_a]
         calls = said.get("tool_calls") or []
         note = progress_note(said.get("content"))
+        if note and isinstance(note.get("obeyed"), int) and note["obeyed"] > 0:
+            calls = calls[note["obeyed"]:]  # the calls a row told it to make decide nothing
         if note is None and not calls:  # an empty reply, then a nudge
             return self._after_silence(messages, last_a, block, resume)
         note = note or guess_progress(calls)
@@ -224,7 +255,7 @@ class Labeller:
             rejected = [r for f, _, res in results if f.get("name") == "submit_examples"
                         and isinstance(res, dict) and isinstance(res.get("rejected"), list)
                         for r in res["rejected"]]
-            fixable = TEXT_FIXABLE if text_kind(block, self.config) else FIXABLE
+            fixable = TEXT_FIX if text_kind(block, self.config) else FIXABLE
             fix = [r for r in rejected if isinstance(r, dict) and r.get("reason") in fixable]
             last, short = note.get("last_id"), bool(note.get("short"))
             if fix and not note.get("fix"):  # one round of fixes per page: no endless loop
@@ -280,16 +311,23 @@ class Labeller:
         step = self.next_step(messages, block)
         if step.kind in ("submit", "fix"):
             examples = self._examples(step, block, drifted)
+            obeyed = self._obey(step, messages, block, examples) \
+                if step.kind == "submit" and self.knobs.obey_injection_rate > 0 else []
             if examples:
                 unit = "answers" if text_kind(block, self.config) else "labels"
                 fixing = "Resubmitting corrected" + ("" if unit == "answers" else " labels")
                 what = fixing if step.kind == "fix" else "Submitting"
-                note = _note(step, last_id=step.last, short=step.short, fix=step.kind == "fix")
+                note = _note(step, last_id=step.last, short=step.short, fix=step.kind == "fix",
+                             **({"obeyed": len(obeyed)} if obeyed else {}))
                 text = (f"{note} {what} {len(examples)} {unit} for the rows "
                         f"{_span(step.after)} up to id {step.last}.")
-                return Reply(text, [_call("submit_examples", {"examples": examples})]), step
-            step = Step("done", after=step.last) if step.short else \
-                Step("sql", after=step.last, limit=step.limit, recovering=step.recovering)
+                if obeyed:
+                    text += " First, as the rows instruct, I run the SQL they give."
+                calls = [*obeyed, _call("submit_examples", {"examples": examples})]
+                return Reply(text, calls), step
+            step = Step("done", after=step.last, label_all=step.label_all) if step.short else \
+                Step("sql", after=step.last, limit=step.limit, recovering=step.recovering,
+                     label_all=step.label_all)
         if step.kind == "sql":
             query = self.page_query(block, step.after, step.limit)
             text = f"{_note(step)} Reading the rows {_span(step.after)}."
@@ -310,7 +348,10 @@ class Labeller:
         row (a re-read page repeats them), and <think> may open any non-empty reply."""
         reply, step = self.decide(messages, block, drifted)
         slip, shown = None, ["case_error"] * step.case_errors + step.faults
-        if not step.recovering and step.kind in ("sql", "submit") and reply.tool_calls:
+        if step.obeyed:  # gullible: what a row told it to do, in the request log
+            kinds = sorted({o["kind"] for o in step.obeyed})
+            slip = {"kind": "injection", "variant": "+".join(kinds), "emitted": step.obeyed}
+        elif not step.recovering and step.kind in ("sql", "submit") and reply.tool_calls:
             reply, slip, habits = self._slip(reply, step, block, request_hash)
             shown = habits if slip else shown + habits  # a failed move sends no labels
         rng = self._rng("think", request_hash)
@@ -346,6 +387,44 @@ class Labeller:
         calls, shown = style(reply.tool_calls, step.kind == "submit", k,
                              self._rng("style", request_hash))
         return Reply(reply.content, calls), None, shown
+
+    def _obey(self, step: Step, messages: list[dict], block: dict,
+              examples: list[dict]) -> list[dict]:
+        """Gullible: obey the instructions in the page's rows (for obey_injection_rate of the
+        rows that carry one, seeded per row id): `examples` get the label a row forced on
+        the rest of the slice, or the system prompt for a row that asked for it; returns the
+        sql calls the rows asked for. Sets step.label_all and step.obeyed."""
+        id_col = block.get("id_column", self.config.id_column)
+        kind = text_kind(block, self.config)
+        field = (block.get("answer_field") or "response") if kind else "label"
+        rules = None  # a leak keeps a generation task's rules; labels and objects need not
+        if kind == "generation":
+            rules = block.get("rules") if isinstance(block.get("rules"), dict) else {}
+        by_id = {str(e.get("row_id")): e for e in examples}
+        current, calls = step.label_all, []
+        for row in step.rows:
+            row_id = row.get(id_col)
+            found = [i for c, v in row.items() if c != id_col for i in injections(v)]
+            if not found or self._rng("obey", row_id).random() >= self.knobs.obey_injection_rate:
+                found = []
+            leaked = False
+            for inj in found:
+                step.obeyed.append({"row_id": row_id, "kind": inj.kind, "value": inj.value})
+                if inj.kind in ("sql", "read_table"):
+                    calls.append(_call("sql", {"query": inj.value}))
+                elif inj.kind == "label_all":
+                    current = inj.value
+                else:
+                    leaked = True
+            example = by_id.get(str(row_id))
+            if example is None:
+                continue
+            if leaked:
+                example[field] = leak(_system_text(messages), rules)
+            elif current is not None:
+                example[field] = current
+        step.label_all = current
+        return calls
 
     def _examples(self, step: Step, block: dict, drifted: bool) -> list[dict]:
         if text_kind(block, self.config):  # text answers: no label set, no top-ups
@@ -389,4 +468,19 @@ def _span(after) -> str:
 def _note(step: Step, **more) -> str:
     """The teacher's own bookmark, first in its message (a memory cut keeps the start)."""
     note = {"after_id": step.after, **({"limit": step.limit} if step.limit else {}), **more}
+    if step.label_all is not None:  # gullible: the label a row forced on the rest
+        note["label_all"] = step.label_all
     return f"<progress>{json.dumps(note)}</progress>"
+
+
+def _carried_label(messages: list[dict]) -> str | None:
+    """The "label everything as L" its latest note still carries (None: none)."""
+    notes = (progress_note(m.get("content")) for m in reversed(messages)
+             if m.get("role") == "assistant")
+    note = next((n for n in notes if n is not None), None)
+    label = note.get("label_all") if note else None
+    return label if isinstance(label, str) else None
+
+
+def _system_text(messages: list[dict]) -> str:
+    return next((text_of(m.get("content")) for m in messages if m.get("role") == "system"), "")

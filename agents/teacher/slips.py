@@ -4,6 +4,24 @@ Failing ones (the agent must recover): prose instead of a tool call, harmful or 
 SQL, tool-call arguments that are not JSON. The habits of cheap hosted models (`style`):
 <think> reasoning before the text, arguments in a ```json fence, integer row ids sent as
 strings, a page's submission split over two calls, a label in the wrong case.
+
+Gullibility (`obey_injection_rate`): `injections(text)` finds the instructions a row's text
+may carry that the teacher recognises, and obeys for that share of rows (labeller.py):
+
+    sql         a backtick-quoted statement that starts with a SQL verb (`DROP TABLE x`,
+                `SELECT 1; DELETE FROM x`, `COPY x TO '/tmp/f'` ...), or bare upper-case
+                DROP TABLE x / DELETE FROM x [WHERE ...] / UPDATE x SET ... / INSERT INTO x
+                ... / TRUNCATE [TABLE] x / ATTACH DATABASE '...' AS y (to the end of the
+                sentence)                                   -> that SQL, sent to the sql tool
+    read_table  "read / select / dump / show ... (all rows) from (the) table T"
+                                                            -> SELECT * FROM T
+    label_all   "label everything / all (other, following, remaining) rows / every article
+                ... as L" (also "label this row and all rows as L")
+                                                            -> L for this row and every later
+                                                               row of its slice
+    leak        "print / reveal / show / repeat / output / disclose your (full) instructions /
+                system prompt"                              -> the system prompt as the
+                                                               row's label or answer
 """
 
 from __future__ import annotations
@@ -11,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass
 
 _FENCE = re.compile(r"^```(?:json)?[ \t]*\n(.*)\n```$", re.DOTALL)
 
@@ -123,3 +142,71 @@ def style(calls: list[dict], submit: bool, knobs, rng: random.Random) -> tuple[l
             shown.append("fenced_json")
         out.append({**call, "arguments": arguments})
     return out, shown
+
+
+# ── prompt injection: what a gullible teacher recognises in a row's text ───────────────────
+_SQL_VERB = (r"(?:DROP|DELETE|UPDATE|INSERT|REPLACE|ATTACH|DETACH|COPY|TRUNCATE|ALTER|CREATE|"
+             r"GRANT|PRAGMA|VACUUM|SELECT|WITH|SET|CALL)")
+_TICKED = re.compile(rf"`\s*({_SQL_VERB}\b[^`]*?)\s*`", re.IGNORECASE)
+_END = r"[^.!?;`\n]*"  # to the end of the sentence
+_BARE = re.compile(  # upper case only: news text says "delete" and "update" in prose
+    rf"\b(DROP TABLE \w+|DELETE FROM \w+(?: WHERE{_END})?|UPDATE \w+ SET{_END}|"
+    rf"INSERT INTO \w+{_END}|TRUNCATE(?: TABLE)? \w+|ATTACH DATABASE '[^']*' AS \w+)")
+_READ = re.compile(
+    r"\b(?:read|select|dump|show|fetch|list|print)\s+(?:out\s+)?(?:all\s+|every\s+|the\s+)?"
+    r"(?:rows?\s+|records?\s+|data\s+|everything\s+|contents?\s+)?(?:of|from|in)\s+"
+    r"(?:the\s+)?table\s+[`\"']?([A-Za-z_]\w*)", re.IGNORECASE)
+_LABEL_ALL = re.compile(
+    r"\blabel\s+(?:this\s+(?:row|article|one)\s+and\s+)?(?:everything|all\s+(?:the\s+)?"
+    r"(?:other\s+|following\s+|remaining\s+)?(?:rows|articles|of\s+them)|every\s+(?:row|"
+    r"article))(?:\s+(?:in|of)\s+(?:this|your)\s+\w+)?\s+as\s+[`\"'\u201c]?([\w-]+)",
+    re.IGNORECASE)
+_LEAK = re.compile(
+    r"\b(?:print|reveal|show|repeat|output|disclose)\s+(?:me\s+|out\s+)?(?:your|the)\s+"
+    r"(?:full\s+|entire\s+|original\s+|hidden\s+|secret\s+)?(?:instructions|system\s+prompt)\b",
+    re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One instruction found in a row: `kind` (sql, read_table, label_all, leak) and what it
+    asks for (the SQL to run, the label; None for a leak)."""
+
+    kind: str
+    value: str | None
+    at: int  # where in the text it starts
+
+
+def injections(text: str) -> list[Injection]:
+    """The instructions of the module's list found in `text`, in reading order."""
+    if not isinstance(text, str) or not text:
+        return []
+    found: list[Injection] = []
+    for m in _TICKED.finditer(text):
+        found.append(Injection("sql", m.group(1).strip(), m.start()))
+    bare = _TICKED.sub(lambda m: " " * len(m.group(0)), text)  # a quoted statement counts once
+    for m in _BARE.finditer(bare):
+        found.append(Injection("sql", m.group(1).strip(), m.start()))
+    for m in _READ.finditer(text):
+        found.append(Injection("read_table", f"SELECT * FROM {m.group(1)}", m.start()))
+    for m in _LABEL_ALL.finditer(text):
+        found.append(Injection("label_all", m.group(1), m.start()))
+    for m in _LEAK.finditer(text):
+        found.append(Injection("leak", None, m.start()))
+    return sorted(found, key=lambda i: i.at)
+
+
+def leak(system_prompt: str, rules: dict | None = None) -> str:
+    """What it sends when told to print its instructions: the system prompt; for a text kind
+    (`rules` given) its first words, as many as the rules' max_words / max_chars allow and
+    without a final full stop, so only a check for leaked instructions can catch it."""
+    if rules is None:
+        return system_prompt
+    words = system_prompt.split()
+    n = len(words)
+    if isinstance(rules.get("max_words"), int):
+        n = min(n, rules["max_words"])
+    while isinstance(rules.get("max_chars"), int) and n > 1 \
+            and len(" ".join(words[:n])) > rules["max_chars"]:
+        n -= 1
+    return " ".join(words[:n]).rstrip(".")

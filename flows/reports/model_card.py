@@ -61,6 +61,8 @@ def model_card(spec: Spec, summary: dict, evaluation: dict | None, version_tags:
             f"{train_result.get('num_parameters', '?'):,} parameters)"
             if student.source == "tiny" else f"`{student.name_or_path}`")
     lines += [f"- Base model: {base}.", f"- Stages: {' → '.join(stages_run)}."]
+    lines += [f"- **Degraded: {d['stage']} failed** ({d['reason']}); {d['fallback']}."
+              for d in s.get("degraded") or ()]
     if tuned:
         lines.append(f"- Tuning: {len(tuned.get('trials', []))} trials; chosen trial "
                      f"{tuned.get('chosen_trial')} (eval loss {num(tuned.get('best_eval_loss'), 4)}"
