@@ -172,6 +172,8 @@ def tune_spec(warehouse_url: str, tmp: Path, tuner: bool) -> Path:
     if tuner:
         data["llm"]["tuner"] = {"api": "openai", "model": "simulated-tuner",
                                 "endpoint": "simulated", "temperature": 0.0}
+    else:  # the seeded search (no tuner role at all, not one without an endpoint)
+        data["llm"].pop("tuner", None)
     data["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     path = tmp / f"spec-{'tuner' if tuner else 'search'}.yaml"
     path.write_text(yaml.safe_dump(data))
