@@ -22,6 +22,7 @@ none (tests/test_hostile_rows.py).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 
 _ADDRESSING = (
@@ -54,9 +55,17 @@ _SQL = re.compile(
     r"\bpg_read_file\b|\bVACUUM\b|\bPRAGMA\b|\bSELECT\s+[\w*,\s]{1,60}\s+FROM\s+\w+")
 
 
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
 def addresses_the_agent(text: str) -> bool:
-    """True when `text` looks like it is talking to the agent rather than being data."""
-    return isinstance(text, str) and bool(_WORDS.search(text) or _SQL.search(text))
+    """True when `text` looks like it is talking to the agent rather than being data
+    (matched after NFKC and with invisible characters removed, so "DR\u200bOP TABLE" and
+    full-width letters count too)."""
+    if not isinstance(text, str) or not text:
+        return False
+    plain = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    return bool(_WORDS.search(plain) or _SQL.search(plain))
 
 
 HOSTILE_ROW = "hostile_row"
