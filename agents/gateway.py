@@ -227,7 +227,7 @@ class LLMGateway:
             self.on_call(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0))
             return hit
         self.ledger.check()
-        self._check_breaker()
+        self._check_breaker()  # before waiting for a slot: an open breaker never waits
         return None
 
     def _check_breaker(self) -> None:

@@ -73,10 +73,8 @@ WITHHELD = ("[withheld by posttrain: this row's text addresses the agent (instru
             "markup inside the data); it is quarantined: do not label it]")
 
 
-def rows_addressing_the_agent(rows: Iterable[dict]) -> list:
-    """The ids (first value of each row) of the rows whose text values address the agent."""
-    hits = []
-    for row in rows:
-        if any(addresses_the_agent(v) for v in row.values() if isinstance(v, str)):
-            hits.append(next(iter(row.values()), None))
-    return hits
+def rows_addressing_the_agent(rows: Iterable[dict], id_column: str) -> list:
+    """The ids (`row[id_column]`) of the rows whose other text values address the agent."""
+    return [row.get(id_column) for row in rows
+            if any(addresses_the_agent(v) for k, v in row.items()
+                   if k != id_column and isinstance(v, str))]

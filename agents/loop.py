@@ -21,8 +21,9 @@
             alarm again → stop "drift: ..."
     a failed LLM call (after the gateway's retries) → stop "llm_error: ..."
     the endpoint's circuit breaker open (agents/breaker.py) → stop "outage: ..."
-    a read returning rows whose text addresses the agent (agents/hostile_text.py) → judge
-        every example from then on
+    a read returning rows whose text addresses the agent (agents/hostile_text.py) → their
+        text withheld and the rows refused (quarantine), or, shown, every example judged
+        from then on and memory reset when the judge disagrees (judge)
     the budget spent → stop "budget: ..."
 
 Nothing here knows about Prefect or the pipeline: callers pass plain objects and one
@@ -157,13 +158,14 @@ class _Agent:
         rows = out.get("rows") or []
         ids = [r.get(self.sql_tool.scoped.id_column) for r in rows]
         span = f"{ids[0]}..{ids[-1]}" if ids else "nothing"
-        hostile = rows_addressing_the_agent(rows)
+        id_column = self.sql_tool.scoped.id_column
+        hostile = rows_addressing_the_agent(rows, id_column)
         if not hostile:
             return out, f"read {len(rows)} rows ({span})"
         self.result.hostile_rows += len(hostile)
         if self.config.hostile_rows == "quarantine":  # the text never reaches the model
-            out = {**out, "rows": [self.quarantine(r) if r.get(self.sql_tool.scoped.id_column)
-                                   in hostile else r for r in rows]}
+            out = {**out, "rows": [self.quarantine(r) if r.get(id_column) in hostile else r
+                                   for r in rows]}
         else:  # shown: whatever it submits from now on is judged
             self.judge_all = True
         return out, f"read {len(rows)} rows ({span}); {len(hostile)} address the agent"
