@@ -33,6 +33,9 @@ class AgentConfig:
     max_nudges: int = 2
     seed: int = 0
     hostile_rows: str = "quarantine"  # or "judge" (agents/hostile_text.py)
+    # a preview (flows/preview.py): stop once this many rows got a verdict (accepted or
+    # refused), between calls, so every request sent is the one a full run sends first
+    stop_after_rows: int | None = None
 
 
 @dataclass

@@ -5,7 +5,8 @@ A cache hit returns at once (0 tokens, $0). Otherwise the ledger must allow the 
 to 1 + max_retries attempts run, each inside a slot of the endpoint's `AdaptiveLimiter`; a
 retryable `ProviderError` throttles the limiter (429/529), backs off (exponential, seeded
 jitter, never less than the server's retry-after) and retries; anything else raises at once.
-Every attempt that reached the provider, and every cache hit, goes to `on_call(record)`.
+Every attempt that reached the provider, and every cache hit, goes to `on_call(record)`, and
+with its request and reply to the calling agent's tracer (agents/tracing.py), if any.
 
 With a `CircuitBreaker` (agents/breaker.py) the gateway rides out a provider in trouble: it
 keeps retrying past `max_retries`, every failure halves the endpoint's concurrency (down to
@@ -42,6 +43,7 @@ from agents.ledger import BudgetExceeded, CostLedger
 from agents.providers import Completion, Provider, ProviderError, parse_json_reply
 from agents.ratelimit import AdaptiveLimiter, limiter_for
 from agents.redact import redact
+from agents.tracing import reply_of, report_llm_call
 
 __all__ = ["BudgetExceeded", "CallCache", "LLMGateway", "MemoryCache", "request_key"]
 
@@ -119,7 +121,8 @@ class LLMGateway:
             return self.provider.complete(model=model, messages=messages, tools=tools,
                                           temperature=temperature, max_tokens=max_tokens), None
 
-        completion, _ = self._run(key, model, agent, slice_id, call)
+        completion, _ = self._run(key, model, agent, slice_id, call,
+                                  _request(model, messages, tools=tools))
         return completion
 
     async def acomplete(self, *, model: str, messages: list[dict],
@@ -133,7 +136,8 @@ class LLMGateway:
                 model=model, messages=messages, tools=tools, temperature=temperature,
                 max_tokens=max_tokens), None
 
-        completion, _ = await self._arun(key, model, agent, slice_id, call)
+        completion, _ = await self._arun(key, model, agent, slice_id, call,
+                                         _request(model, messages, tools=tools))
         return completion
 
     def complete_json(self, *, model: str, messages: list[dict], schema: dict,
@@ -148,7 +152,8 @@ class LLMGateway:
                 temperature=temperature, max_tokens=max_tokens)
             return completion, data
 
-        completion, data = self._run(key, model, agent, slice_id, call)
+        completion, data = self._run(key, model, agent, slice_id, call,
+                                     _request(model, messages, schema_name=schema_name))
         return data if data is not None else parse_json_reply(completion)
 
     async def acomplete_json(self, *, model: str, messages: list[dict], schema: dict,
@@ -163,7 +168,8 @@ class LLMGateway:
                 temperature=temperature, max_tokens=max_tokens)
             return completion, data
 
-        completion, data = await self._arun(key, model, agent, slice_id, call)
+        completion, data = await self._arun(key, model, agent, slice_id, call,
+                                            _request(model, messages, schema_name=schema_name))
         return data if data is not None else parse_json_reply(completion)
 
     def _chat_key(self, model, messages, tools, temperature, max_tokens) -> str:
@@ -178,9 +184,9 @@ class LLMGateway:
                            params)
 
     # ── the path: the two drivers differ only in how they wait ──────────────────────────────
-    def _run(self, key, model, agent, slice_id, call):
+    def _run(self, key, model, agent, slice_id, call, request):
         base = self._base(key, model, agent, slice_id)
-        hit = self._hit(base, key)
+        hit = self._hit(base, key, request)
         if hit is not None:
             return hit
         for attempt in itertools.count(1):
@@ -193,13 +199,13 @@ class LLMGateway:
                     outcome, error = None, e
                 latency = _ms(started)
             if error is None:
-                return self._succeeded(base, key, outcome, latency, attempt)
-            self._sleep(self._failed(base, error, latency, attempt))
+                return self._succeeded(base, key, outcome, latency, attempt, request)
+            self._sleep(self._failed(base, error, latency, attempt, request))
             self.ledger.check()
 
-    async def _arun(self, key, model, agent, slice_id, call):
+    async def _arun(self, key, model, agent, slice_id, call, request):
         base = self._base(key, model, agent, slice_id)
-        hit = self._hit(base, key)
+        hit = self._hit(base, key, request)
         if hit is not None:
             return hit
         for attempt in itertools.count(1):
@@ -212,30 +218,38 @@ class LLMGateway:
                     outcome, error = None, e
                 latency = _ms(started)
             if error is None:
-                return self._succeeded(base, key, outcome, latency, attempt)
-            await self._asleep(self._failed(base, error, latency, attempt))
+                return self._succeeded(base, key, outcome, latency, attempt, request)
+            await self._asleep(self._failed(base, error, latency, attempt, request))
             self.ledger.check()
 
     def _base(self, key, model, agent, slice_id) -> dict:
         return {"role": self.role, "agent": agent, "slice_id": slice_id,
                 "api": self.provider.api, "model": model, "request_hash": key}
 
-    def _hit(self, base: dict, key: str) -> tuple[Completion, dict | None] | None:
+    def _hit(self, base: dict, key: str, request: dict) -> tuple[Completion, dict | None] | None:
         """A cached reply (recorded as a hit), else None once the budget allows a new call."""
         hit = self._cached(key)
         if hit is not None:
-            self.on_call(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0))
+            self._notify(_record(base, None, 0.0, 0.0, cached=True, error=None, attempt=0),
+                         request, reply_of(*hit))
             return hit
         self.ledger.check()
         self._check_breaker()  # before waiting for a slot: an open breaker never waits
         return None
+
+    def _notify(self, record: dict, request: dict, reply: dict | None) -> None:
+        """The record to `on_call`; the call with its request and reply to the tracer of the
+        agent that made it (agents/tracing.py: the tracer current in the calling task)."""
+        self.on_call(record)
+        report_llm_call(record, request, reply)
 
     def _check_breaker(self) -> None:
         if self.breaker is not None:
             self.breaker.check()
 
     def _succeeded(self, base: dict, key: str, outcome: tuple[Completion, dict | None],
-                   latency: float, attempt: int) -> tuple[Completion, dict | None]:
+                   latency: float, attempt: int, request: dict
+                   ) -> tuple[Completion, dict | None]:
         """Grow the limit, pay, cache and record the reply."""
         completion, data = outcome
         self.limiter.on_success()
@@ -246,19 +260,20 @@ class LLMGateway:
         if self.cache is not None:
             response = completion.to_dict() | ({"json": data} if data is not None else {})
             self.cache.put(key, api=self.provider.api, model=base["model"], response=response)
-        self.on_call(_record(base, completion, cost, latency, cached=False, error=None,
-                             attempt=attempt))
+        self._notify(_record(base, completion, cost, latency, cached=False, error=None,
+                             attempt=attempt), request, reply_of(completion, data))
         return outcome
 
-    def _failed(self, base: dict, error: ProviderError, latency: float, attempt: int) -> float:
+    def _failed(self, base: dict, error: ProviderError, latency: float, attempt: int,
+                request: dict) -> float:
         """Record a failed attempt; raise it, or throttle and return the seconds to back off
         before the next."""
         spent = error.completion  # the model answered but unusably: its tokens were paid for
         cost = self.ledger.add(self.role, base["model"], base["agent"], base["slice_id"],
                                spent) if spent else 0.0
         message = redact(f"{error.kind}: {error.message}")[:500]
-        self.on_call(_record(base, spent, cost, latency, cached=False, error=message,
-                             attempt=attempt))
+        self._notify(_record(base, spent, cost, latency, cached=False, error=message,
+                             attempt=attempt), request, reply_of(spent) if spent else None)
         breaker = self.breaker
         if breaker is not None:
             breaker.on_failure(error)
@@ -298,6 +313,11 @@ def _record(base: dict, usage: Completion | None, cost: float, latency: float, *
         "cost_usd": cost, "latency_ms": latency,
         "status": "ok" if error is None else "error", "error": error, "attempt": attempt,
     }
+
+
+def _request(model: str, messages: list[dict], **extra) -> dict:
+    """What a trace shows of a request (not copied: the tracer scrubs what it keeps)."""
+    return {"model": model, "messages": messages, **extra}
 
 
 def _ms(started: float) -> float:

@@ -25,12 +25,14 @@
         text withheld and the rows refused (quarantine), or, shown, every example judged
         from then on and memory reset when the judge disagrees (judge)
     the budget spent → stop "budget: ..."
+    a preview's cap (config.stop_after_rows) reached, between calls → stop "preview: M rows"
 
 Nothing here knows about Prefect or the pipeline: callers pass plain objects and one
 callback, `on_examples(events)`, called once per turn with that turn's examples (accepted,
 rejected, revoked), so a store writes a submission in one transaction (`on_example(event)`,
 once per example, for callers that want them one by one); every LLM call is recorded by the
-gateway's own `on_call`.
+gateway's own `on_call`. With a `tracer` (agents/tracing.py) the agent is one trace: its LLM
+calls, tool calls and the judge's reviews as spans.
 
 The loop is a coroutine, `arun_agent`: hundreds of agents share one event loop, each waiting
 on its LLM call (the gateway's async path) while the others run. The tools (the SQL tool,
@@ -42,6 +44,7 @@ the awaits. `run_agent` runs it on an event loop of its own, for callers that ar
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from collections import Counter
@@ -70,11 +73,87 @@ from agents.memory import AgentMemory
 from agents.providers import Completion, ProviderError, run_on_own_loop
 from agents.skills import Skill
 from agents.sql_tool import SQLRejected, SQLTool
+from agents.tracing import AGENT, EVALUATOR, NULL, TOOL, Tracer, quietly, step, use
+
+
+# ── tracing: what a tool call or a review shows in the agent's trace ───────────────────────
+def _traced(name: str, kind: str, when: Callable[[Any], bool] = lambda agent: True):
+    """A span around an `_Agent` tool call or review while the agent has a tracer (and
+    `when(agent)`): the argument as inputs, what came of it as outputs (`_outcome`). No tracer:
+    the bare call."""
+    def wrap(method):
+        if inspect.iscoroutinefunction(method):
+            @functools.wraps(method)
+            async def traced(self, arg):
+                if self.tracer is NULL or arg == [] or not when(self):
+                    return await method(self, arg)
+                seen = len(self.events)
+                with step(self.tracer, name, kind, inputs=_span_inputs(arg)) as s:
+                    out = await method(self, arg)
+                    quietly(_outcome, s, out, self.events[seen:])
+                return out
+        else:
+            @functools.wraps(method)
+            def traced(self, arg):
+                if self.tracer is NULL:
+                    return method(self, arg)
+                seen = len(self.events)
+                with step(self.tracer, name, kind, inputs=_span_inputs(arg)) as s:
+                    out = method(self, arg)
+                    quietly(_outcome, s, out, self.events[seen:])
+                return out
+        return traced
+    return wrap
+
+
+def _span_inputs(arg: Any) -> Any:
+    """A tool's JSON arguments as an object; a review's items as (row_id, label)."""
+    if isinstance(arg, str):
+        try:
+            return json.loads(arg)
+        except ValueError:
+            return {"arguments": arg}
+    if isinstance(arg, list):
+        return {"items": [{"row_id": v.row_id, "label": v.label} for v in arg]}
+    return {"arguments": arg}
+
+
+def _outcome(s: Any, out: Any, events: list[dict]) -> None:
+    """Fill a span from a tool's (content, note) or a review's verdicts."""
+    if isinstance(out, dict):  # review: {row_id: Verdict}
+        verdicts = [{"row_id": v.row_id, "agree": v.agree, "label": v.label,
+                     "reason": v.reason} for v in out.values()]
+        s.outputs = {"verdicts": verdicts}
+        s.attributes = {"reviewed": len(verdicts),
+                        "agreed": sum(v["agree"] is True for v in verdicts),
+                        "disagreed": sum(v["agree"] is False for v in verdicts)}
+        return
+    content, note = out
+    if "error" in content:  # misuse: the tool refused, the agent was told why
+        s.outputs = {"note": note, **content}
+        s.attributes = {"misuse": content["error"]}
+        s.error = f"{content['error']}: {content.get('message')}"
+        return
+    if "rows" in content:  # sql
+        rows = content.get("rows") or []
+        s.outputs = {"note": note, "rows": len(rows), "truncated": content.get("truncated"),
+                     "first_rows": rows[:3]}
+        s.attributes = {"rows": len(rows)}
+        return
+    rejected = content.get("rejected") or []  # submit_examples: the gate's and judge's verdicts
+    s.outputs = {"note": note, "accepted": content.get("accepted"),
+                 "rejected": rejected[:50],
+                 "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+                 "verdicts": [{k: e.get(k) for k in ("row_id", "label", "status", "reason")}
+                              for e in events][:100]}
+    s.attributes = {"accepted": content.get("accepted"), "rejected": len(rejected)}
 
 
 # ── the loop ───────────────────────────────────────────────────────────────────────────────
 class _Agent:
     """The state of one running agent; `arun_agent` below is the whole story."""
+
+    tracer: Tracer = NULL  # its observer: the tools and reviews marked @_traced are spans
 
     def __init__(self, gateway, config, skill, task, sql_tool, gate, rows_lookup, on_example,
                  agent_name, slice_id, judge, drift):
@@ -133,6 +212,16 @@ class _Agent:
             importance=0.5, note=f"nudged: {remaining} rows left")
         return False
 
+    def preview_done(self) -> bool:
+        """A preview's agent (`config.stop_after_rows`) stops once that many rows of its slice
+        got a verdict, accepted or refused: what it sent up to here is what a full run's agent
+        sends first, so the full run finds those calls in the call cache."""
+        cap = self.config.stop_after_rows
+        if cap is None or len(self.labelled.keys() | self.refused) < cap:
+            return False
+        self.result.stopped_reason = f"preview: {cap} rows"
+        return True
+
     def finish_reason(self) -> str:
         """"completed", or "unfinished: ..." when the model stopped with rows of its slice it
         never got a label accepted for nor had refused (copies of held-out rows, labels the
@@ -143,6 +232,7 @@ class _Agent:
         return f"unfinished: {untouched} of {self.task['rows']} rows never labelled"
 
     # tools
+    @_traced("sql", TOOL)
     def run_sql(self, arguments: str | None) -> tuple[dict, str]:
         args = self.parse(arguments, SqlArgs)
         if isinstance(args, dict):
@@ -179,6 +269,7 @@ class _Agent:
         return {k: (WITHHELD if isinstance(v, str) and k != self.sql_tool.scoped.id_column
                     else v) for k, v in row.items()}
 
+    @_traced("submit_examples", TOOL)
     async def run_submit(self, arguments: str | None) -> tuple[dict, str]:
         args = self.parse(arguments, SubmitArgs)
         if isinstance(args, dict):
@@ -256,6 +347,7 @@ class _Agent:
                          "status": "rejected", "reason": reason, "message": message})
         return {"row_id": row_id, "reason": reason, "message": message}
 
+    @_traced("judge review", EVALUATOR, when=lambda agent: agent.judge is not None)
     async def review(self, items: list[GateResult]) -> dict[str, Any]:
         """The judge's verdicts for these gate-passed items, by row id (none without a judge)."""
         if not items or self.judge is None:
@@ -358,11 +450,13 @@ async def arun_agent(
     judge: Judge | None = None,
     drift: DriftPolicy | None = None,
     rows_lookup: Callable[[list], dict[str, dict]] | None = None,
+    tracer: Tracer | None = None,
 ) -> AgentResult:
     """Run one sub-agent over its slice until it finishes, fails, drifts or spends max_turns.
 
     The gate finds submitted rows with `rows_lookup(ids) -> {row_key(id): row}` (one query
-    per submission), or `row_lookup(id) -> row | None` one at a time."""
+    per submission), or `row_lookup(id) -> row | None` one at a time. `tracer`: this agent's
+    observer (agents/tracing.py), one trace per agent; none by default."""
     if rows_lookup is None:
         if row_lookup is None:
             raise TypeError("arun_agent needs rows_lookup or row_lookup")
@@ -373,7 +467,28 @@ async def arun_agent(
         on_examples = functools.partial(_one_by_one_events, on_example)
     a = _Agent(gateway, config, skill, task, sql_tool, gate, rows_lookup, on_examples,
                agent_name, slice_id, judge, drift)
+    a.tracer = tracer or NULL
+    # one trace per agent: its LLM calls (the gateway reports them to the current tracer),
+    # its tool calls and the judge's reviews are spans under this one
+    with use(tracer), step(tracer, f"agent {slice_id or agent_name}", AGENT, inputs=task,
+                           attributes={"agent": agent_name, "slice_id": slice_id,
+                                       "rows": task.get("rows")}) as root:
+        await _turns(a)
+        r = a.result
+        root.outputs = {"accepted": r.accepted, "rejected": dict(r.rejected),
+                        "revoked": r.revoked, "stopped_reason": r.stopped_reason,
+                        "calls": r.calls}
+        root.attributes = {"accepted": r.accepted, "calls": r.calls,
+                           "stopped_reason": r.stopped_reason}
+    return a.result
+
+
+async def _turns(a: _Agent) -> None:
+    """The agent's turns until it stops (the loop in the module docstring)."""
+    config = a.config
     for _ in range(config.max_turns):
+        if a.preview_done():  # between calls: no request differs from a full run's
+            break
         completion = await a.call()
         if completion is None:
             break
@@ -423,7 +538,6 @@ async def arun_agent(
     a.flush()
     a.result.max_context_tokens = a.memory.max_tokens_seen
     a.result.pruned_turns = a.memory.pruned_turns
-    return a.result
 
 
 def _one_by_one_events(on_example: Callable[[dict], None], events: list[dict]) -> None:

@@ -2,6 +2,8 @@
 
     posttrain validate SPEC              ok, or one line per problem (exit 2)
     posttrain run SPEC [--out DIR]       the whole pipeline as one Prefect flow
+    posttrain preview SPEC [--out DIR] [--slices N] [--rows M]
+                                         a few capped agents' examples on screen, in seconds
     posttrain runs [--root DIR]          past runs from the example stores, with outcomes
     posttrain deploy [--timezone TZ]     register post-training/nightly (prefect.yaml)
     posttrain serve [--timezone TZ]      serve that deployment, schedule included
@@ -37,7 +39,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def preflight(args: argparse.Namespace) -> int:
+    """0, or 2 after one clear line: checked before Prefect starts."""
     from flows.preflight import ServiceUnavailable, check_services
     from flows.runtime import MissingKey, check_keys
 
@@ -53,6 +56,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (MissingKey, ServiceUnavailable) as e:
         print(e, file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.preflight import ServiceUnavailable
+
+    if failed := preflight(args):
+        return failed
     from flows.coverage import CoverageError
     from flows.pipeline import post_training
 
@@ -66,6 +77,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"coverage per slice: {Path(args.out) / 'coverage.json'}", file=sys.stderr)
         return 1
     _print_summary(summary, Path(args.out))
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """The post-training flow with preview=True (flows/preview.py): a few slices' agents,
+    capped, their examples on screen; the calls cached for the full run in this folder."""
+    from flows.preflight import ServiceUnavailable
+
+    if args.slices < 1 or args.rows < 1:
+        print("posttrain preview: --slices and --rows must be at least 1", file=sys.stderr)
+        return 2
+    if failed := preflight(args):
+        return failed
+    from flows.pipeline import post_training
+    from flows.preview import print_preview
+
+    try:
+        result = post_training(spec_path=str(Path(args.spec).resolve()), out_dir=args.out,
+                               preview=True, preview_slices=args.slices,
+                               preview_rows=args.rows)
+    except ServiceUnavailable as e:
+        print(e, file=sys.stderr)
+        return 2
+    print_preview(result)
     return 0
 
 
@@ -200,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--out", default="runs/latest", help="run folder (summary.json goes here)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("preview", help="run a few slices' agents (capped) and show what they "
+                       "write: nothing trained; the full run reuses their calls")
+    p.add_argument("spec")
+    p.add_argument("--out", default="runs/latest", help="run folder (the later `posttrain run "
+                   "--out` of the same folder gets the preview's calls from its cache)")
+    p.add_argument("--slices", type=int, default=2, help="slices to preview (default 2: the "
+                   "largest distinct groups)")
+    p.add_argument("--rows", type=int, default=25, help="rows per slice that get a verdict "
+                   "before its agent stops (default 25)")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("runs", help="list past runs from the example stores with their outcome")
     p.add_argument("--root", default="runs", help="folder searched for */store.db")

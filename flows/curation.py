@@ -1,8 +1,9 @@
 """The curate stage: the store's accepted examples made into the training set.
 
-Exact duplicates go, copies of held-out prompts go (they would inflate accuracy), then the
-task kind's own curation (classification: the label quota closes whatever gap to the spec's
-target the top-up rounds left; generation: near-duplicate answers go); the set is written as
+Exact duplicates go, copies of held-out prompts go (they would inflate accuracy), and so do
+near-copies of them (paraphrases, light edits: flows/contamination.py), then the task kind's
+own curation (classification: the label quota closes whatever gap to the spec's target the
+top-up rounds left; generation: near-duplicate answers go); the set is written as
 `<out>/data/train.jsonl` and logged to the parent MLflow run as a dataset with its digest.
 """
 
@@ -14,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import tracking
+from flows.contamination import guard_examples
 from flows.generation import held_out_prompts
 from flows.kinds import kind_of
 from flows.spec import Spec
@@ -36,6 +38,8 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
         else:
             kept.append(ex)
         seen.add(ex["content_hash"])
+    # near-copies of held-out rows (paraphrases, light edits) go too: flows/contamination.py
+    kept, contamination = guard_examples(spec, spec_path, kept)
     before_kind = len(kept)
     kept, figures = kind_of(spec).curate(kept)  # a label quota, near-duplicate answers ...
     if not kept:
@@ -48,8 +52,10 @@ def curate(spec: Spec, spec_path: str, store_url: str, run_id: str, out_dir: Pat
     tracking.log_dataset(mlflow_run_id, path, digest[:16], name=f"{spec.name}-train")
     trimmed = before_kind - len(kept)
     get_run_logger().info("curated %d examples (%d duplicates, %d copies of held-out rows, "
-                          "%d trimmed by the %s task's curation), sha256 %s", len(kept),
-                          duplicates, leaks, trimmed, spec.task.kind, digest[:16])
+                          "%d near-copies of held-out rows at similarity >= %s, %d trimmed "
+                          "by the %s task's curation), sha256 %s", len(kept), duplicates, leaks,
+                          contamination["removed"], contamination["threshold"], trimmed,
+                          spec.task.kind, digest[:16])
     return {"path": str(path), "n": len(kept), "duplicates": duplicates, "eval_copies": leaks,
             "quota_trimmed": trimmed, "sha256": digest, "label_counts": {}, "tv_after": None,
-            **figures}
+            **figures, "contamination": contamination}

@@ -25,6 +25,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -49,20 +50,30 @@ from flows.spec import Spec, load_spec
 from flows.store import Store
 from flows.warehouse import iter_eval_rows, render_prompt, shared_engine
 
+if TYPE_CHECKING:  # the error-driven run's plan; it imports this module
+    from flows.error_driven import Focus
+
 
 # ── the stage ───────────────────────────────────────────────────────────────────────────────
 def label_rows(spec: Spec, store: Store, run_id: str, slices: list[SliceDescriptor],
-               settings: RuntimeSettings, progress_id: str) -> tuple[list[dict], dict]:
+               settings: RuntimeSettings, progress_id: str,
+               focus: Focus | None = None) -> tuple[list[dict], dict]:
     """The generate stage whole: one sub-agent per slice, fresh agents over the rows they
     left, then top-up rounds for balance, all on one runner of the spec's choice. Returns
-    every agent's result and the balance figures (tv_before, tv_after, topup_slices)."""
-    results: list[dict] = []
+    every agent's result and the balance figures (tv_before, tv_after, topup_slices).
+    `focus` (flows/error_driven.py, an error-driven run): the probe agents' results, the
+    first agents worst slice first with their own max_turns, and a weak-label top-up."""
+    results: list[dict] = list(focus.probe_results) if focus else []
     try:
         with sub_agent_runner(spec) as runner:  # one event loop, threads, or a Dask cluster
-            results += generate(slices, settings, progress_id, spec.generation.concurrency,
-                                runner=runner)
+            results += generate(focus.first(slices) if focus else slices, settings,
+                                progress_id, spec.generation.concurrency, runner=runner,
+                                max_turns=focus.max_turns if focus else None)
             results += cover(spec, store, run_id, slices, results, settings, progress_id,
                              runner=runner)
+            if focus:
+                results += focus.topup(spec, store, run_id, slices, settings, progress_id,
+                                       runner)
             balance = rebalance(spec, store, run_id, slices, settings, progress_id,
                                 runner=runner)
     except GenerationStopped as stop:
@@ -91,25 +102,34 @@ def outage_stop(results: list[dict]) -> str | None:
 # ── one sub-agent per slice ─────────────────────────────────────────────────────────────────
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 def generate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
-                   want_labels: list[str] | None = None, handover: str | None = None) -> dict:
+                   want_labels: list[str] | None = None, handover: str | None = None,
+                   max_turns: int | None = None) -> dict:
     """`label_slice` on a thread (the thread and Dask runners), on an event loop of its own."""
-    return run_on_own_loop(label_slice(descriptor, settings, progress_id, want_labels, handover))
+    return run_on_own_loop(label_slice(descriptor, settings, progress_id, want_labels, handover,
+                                       max_turns=max_turns))
 
 
 @task(name="generate-slice", cache_policy=NO_CACHE, task_run_name="agent {descriptor.slice_id}")
 async def agenerate_slice(descriptor: SliceDescriptor, settings: RuntimeSettings,
                           progress_id: str, want_labels: list[str] | None = None,
-                          handover: str | None = None) -> dict:
+                          handover: str | None = None, max_turns: int | None = None) -> dict:
     """`label_slice` as a coroutine on the flow's event loop (the async runner)."""
-    return await label_slice(descriptor, settings, progress_id, want_labels, handover)
+    return await label_slice(descriptor, settings, progress_id, want_labels, handover,
+                             max_turns=max_turns)
 
 
 async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, progress_id: str,
-                      want_labels: list[str] | None, handover: str | None) -> dict:
+                      want_labels: list[str] | None, handover: str | None,
+                      stop_after_rows: int | None = None, max_turns: int | None = None
+                      ) -> dict:
     """One sub-agent labels one slice (`handover`: why the agent before it on these rows
-    stopped, for a retry). A slice finished by an earlier, killed attempt of this run is
-    skipped; an unfinished one starts over, its completed LLM calls served from the call
-    cache, so a resumed run spends nothing twice."""
+    stopped, for a retry; `max_turns`: this agent's, else the spec's). A slice finished by
+    an earlier, killed attempt of this run is skipped; an unfinished one starts over, its
+    completed LLM calls served from the call cache, so a resumed run spends nothing twice.
+    `stop_after_rows`: a preview's cap on the agent (flows/preview.py); the requests it
+    sends are unchanged."""
+    from flows import agent_traces  # MLflow tracing: loaded where the agents run
+
     rt = get_runtime(settings)
     spec, store, run_id = rt.spec, rt.store, settings.run_id
     previous = store.get_slice(run_id, descriptor.slice_id)
@@ -155,10 +175,11 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
     result = await arun_agent(
         rt.gateways["generator"],
         config=AgentConfig(model=role.model, temperature=role.temperature,
-                           max_tokens=role.max_tokens, max_turns=g.max_turns,
+                           max_tokens=role.max_tokens, max_turns=max_turns or g.max_turns,
                            memory_budget_tokens=g.memory_budget_tokens,
                            judge_sample_rate=g.judge_sample_rate, max_nudges=g.max_nudges,
-                           seed=spec.llm.simulated.seed, hostile_rows=g.hostile_rows),
+                           seed=spec.llm.simulated.seed, hostile_rows=g.hostile_rows,
+                           stop_after_rows=stop_after_rows),
         skill=load_skill(spec.task.skill),
         task={"slice_id": descriptor.slice_id, "rows": descriptor.row_count,
               "page_size": g.page_size, "description": spec.task.description,
@@ -175,6 +196,8 @@ async def label_slice(descriptor: SliceDescriptor, settings: RuntimeSettings, pr
         slice_id=descriptor.slice_id,
         judge=rt.judge,
         drift=rt.drift_policy(descriptor.row_count),
+        # one MLflow trace per agent, in the run's Traces tab (None: tracking.traces off)
+        tracer=agent_traces.run_tracer(spec, settings, slice_id=descriptor.slice_id),
     )
     _write_transcript(settings, descriptor.slice_id, result.transcript)
     rejected = sum(result.rejected.values())
@@ -251,16 +274,18 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_id: str,
              concurrency: int, want_labels: list[str] | None = None,
              runner: TaskRunner | EventLoopRunner | None = None,
-             handover: dict[str, str] | None = None) -> list[dict]:
+             handover: dict[str, str] | None = None,
+             max_turns: dict[str, int] | None = None) -> list[dict]:
     """One agent task per slice, `concurrency` at a time, on `runner` (started), or on a
     runner of the spec's `generation.task_runner` made for this call. Results come back in
     slice order; a task that failed (after Prefect's retries) is a result with
     `stopped_reason` "failed: ..." and its slice is marked failed in the store.
-    `handover`: slice id -> why the last agent on those rows stopped (retries)."""
+    `handover`: slice id -> why the last agent on those rows stopped (retries);
+    `max_turns`: slice id -> that agent's turns (an error-driven run's focus), else the spec's."""
     if runner is None:
         with sub_agent_runner(load_spec(settings.spec_path), concurrency) as started:
             return generate(slices, settings, progress_id, concurrency, want_labels, started,
-                            handover)
+                            handover, max_turns)
     here, progress = this_process(), Progress.get(progress_id)
 
     def settle(i: int, outcome: dict | Exception) -> dict:
@@ -275,12 +300,14 @@ def generate(slices: list[SliceDescriptor], settings: RuntimeSettings, progress_
     if isinstance(runner, EventLoopRunner):
         return _unless_outage(runner.run(agenerate_slice, [
             {"descriptor": s, "settings": settings, "progress_id": progress_id,
-             "want_labels": want_labels, "handover": (handover or {}).get(s.slice_id)}
+             "want_labels": want_labels, "handover": (handover or {}).get(s.slice_id),
+             "max_turns": (max_turns or {}).get(s.slice_id)}
             for s in slices], settle))
     futures = runner.map(generate_slice, {
         "descriptor": slices, "settings": unmapped(settings),
         "progress_id": unmapped(progress_id), "want_labels": unmapped(want_labels),
-        "handover": [(handover or {}).get(s.slice_id) for s in slices]})
+        "handover": [(handover or {}).get(s.slice_id) for s in slices],
+        "max_turns": [(max_turns or {}).get(s.slice_id) for s in slices]})
     results: dict[int, dict] = {}
     index = {id(f): i for i, f in enumerate(futures)}
     for future in as_completed(list(futures)):

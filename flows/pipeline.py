@@ -10,6 +10,7 @@
     the run's life         flows/run_lifecycle.py  pinned spec, resume, MLflow parent run
     the LLMs               flows/llm_endpoints.py  real endpoints or the simulated teacher
     plan                   flows/planning.py       slices of the warehouse, ids in the store
+    probe (error-driven)   flows/error_driven.py   the champion's errors set the agents' focus
     generate               flows/generation.py     sub-agents, fresh agents, top-up rounds
     coverage floor         flows/coverage.py       labelled / planned rows, per slice
     curate                 flows/curation.py       dedup, held-out copies, label quota
@@ -39,12 +40,14 @@ from prefect import flow
 
 from flows.coverage import check_coverage, stop_after_generation
 from flows.curation import curate
+from flows.error_driven import probe
 from flows.evaluation import evaluate
 from flows.generation import GenerationStopped, label_rows
 from flows.llm_endpoints import llm_endpoints
 from flows.optional_stages import OptionalStages
 from flows.planning import plan
 from flows.preferences import train_dpo, write_pairs
+from flows.preview import run_preview
 from flows.progress import StageClock
 from flows.promotion import register_and_promote
 from flows.run_lifecycle import prepare_run, skip_run, unchanged_since_champion
@@ -63,6 +66,9 @@ def post_training(
     generator_endpoint: str | None = None,
     budget_usd: float | None = None,
     max_steps: int | None = None,
+    preview: bool = False,
+    preview_slices: int = 2,
+    preview_rows: int = 25,
 ) -> dict:
     """Spec -> slices -> sub-agents -> gates -> store -> curate -> tune? -> SFT -> DPO? ->
     evaluate -> approval? -> registry.
@@ -77,11 +83,16 @@ def post_training(
         generator_endpoint: Override llm.generator.endpoint: a base URL, or simulated.
         budget_usd: Override llm.budget.max_usd: new LLM calls stop past this cost.
         max_steps: Override training.max_steps of the final SFT.
+        preview: Only plan and run a few slices' agents, each stopped after preview_rows
+            verdicts, and show what they wrote (table artifact); nothing trained or
+            registered. A later full run in the same out_dir gets those calls from the cache.
+        preview_slices: Slices a preview runs (the largest distinct groups of the plan).
+        preview_rows: Rows per previewed slice that get a verdict before its agent stops.
     """
     run = prepare_run(spec_path, out_dir, overrides={
         "llm.generator.api": generator_api, "llm.generator.model": generator_model,
         "llm.generator.endpoint": generator_endpoint, "llm.budget.max_usd": budget_usd,
-        "training.max_steps": max_steps})
+        "training.max_steps": max_steps}, preview=preview)
     spec, out, stage = run.spec, run.out, StageClock(run.progress)
     if only_if_new_data and (why := unchanged_since_champion(run.client, spec, run.fingerprint)):
         return skip_run(run, why)
@@ -91,11 +102,17 @@ def post_training(
 
         with stage("plan"):
             slices = plan(spec, run.store_url, run.id)
+        if preview:  # a few slices' agents, capped, their examples on screen: flows/preview.py
+            return run_preview(run, slices, settings, preview_slices, preview_rows)
         try:
+            focus = None  # error_driven: the champion's errors on fresh rows set the focus
+            if spec.error_driven.enabled:
+                with stage("probe"):
+                    focus = probe(run, slices, settings)
             with stage("generate", "sub-agents labelling rows",
                        sum(s.row_count for s in slices)):
                 agents, balance = label_rows(spec, run.store, run.id, slices, settings,
-                                             run.progress.id)
+                                             run.progress.id, focus)
         except GenerationStopped as stopped:  # a provider outage: report, train nothing
             raise GenerationStopped(stop_after_generation(
                 spec, run.store, run.id, slices, stopped.results, stopped.reason, out,
@@ -105,14 +122,16 @@ def post_training(
         with stage("curate"):
             dataset = curate(spec, run.spec_path, run.store_url, run.id, out, run.mlflow_run_id)
 
+        # an error-driven run fine-tunes the champion itself (error_driven.start_from_champion)
+        train_spec = focus.training_spec(spec) if focus else spec
         tuned, optional = None, OptionalStages()  # a failed optional stage degrades the run
         if spec.tuning.enabled:  # short mapped trials; the best by validation loss goes on
             with optional.attempt("tuning", spec.tuning.required,
                                   "the final SFT used the default config"), stage("tune"):
-                tuned = tune(spec, dataset, settings, out, run.mlflow_uri, run.mlflow_run_id,
+                tuned = tune(train_spec, dataset, settings, out, run.mlflow_uri, run.mlflow_run_id,
                              run.progress.id)
         with stage("train", "training (TRL SFT via accelerate)", spec.training.max_steps):
-            sft = train(spec, dataset, out, run.mlflow_uri, run.mlflow_run_id, run.progress.id,
+            sft = train(train_spec, dataset, out, run.mlflow_uri, run.mlflow_run_id, run.progress.id,
                         settings=tuned["chosen_config"] if tuned else None)
         final_dir = sft_dir = Path(sft["final_dir"])
 
@@ -137,6 +156,7 @@ def post_training(
         summary = summarise(run, slices=slices, agents=agents, balance=balance,
                             covered=covered, dataset=dataset, sft=sft, tuned=tuned,
                             pairs=pairs, dpo=dpo, ev=ev, decision=decision,
-                            stage_seconds=stage.seconds, degraded=optional.degraded)
+                            stage_seconds=stage.seconds, degraded=optional.degraded,
+                            error_map=focus.emap if focus else None)
         return publish(run, summary, slices=slices, balance=balance, sft=sft, dpo=dpo,
                        tuned=tuned)

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from agents.pairs import Pair, PairsResult
 from flows import tracking
+from flows.contamination import guard_examples
 from flows.kinds import kind_of
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
@@ -115,6 +116,11 @@ def write_pairs(spec: Spec, dataset: dict, settings: RuntimeSettings, store_url:
     rejected = Counter(total.rejected)
     if unmatched:
         rejected[NOT_IN_STORE] += unmatched
+    # a pair near a held-out prompt goes (text answers: its chosen and rejected texts too)
+    total.pairs, contamination = guard_examples(
+        spec, settings.spec_path, total.pairs,
+        texts=(lambda p: [p.prompt]) if spec.task.kind == "classification"
+        else (lambda p: [p.prompt, p.chosen, p.rejected]))
     if len(total.pairs) < 2:
         raise RuntimeError(f"DPO: only {len(total.pairs)} preference pairs kept of "
                            f"{len(items)} prompts ({total.failed_calls} of {total.calls} calls "
@@ -133,12 +139,14 @@ def write_pairs(spec: Spec, dataset: dict, settings: RuntimeSettings, store_url:
         "dpo_pairs_rejected": sum(rejected.values())})
     get_run_logger().info(
         "preference pairs: %d kept of %d prompts (%d train, %d held out), %d calls (%d failed), "
-        "rejected %s, sha256 %s", len(total.pairs), len(items), len(train), len(held),
-        total.calls, total.failed_calls, dict(rejected), digest[:16])
+        "rejected %s, %d near-copies of held-out rows dropped, sha256 %s", len(total.pairs),
+        len(items), len(train), len(held), total.calls, total.failed_calls, dict(rejected),
+        contamination["removed"], digest[:16])
     return {"train_path": str(train_path), "eval_path": str(eval_path), "n_train": len(train),
             "n_eval": len(held), "rejected": dict(rejected), "sha256": digest,
             "eval_sha256": eval_digest, "calls": total.calls,
-            "failed_calls": total.failed_calls, "prompts": len(items)}
+            "failed_calls": total.failed_calls, "prompts": len(items),
+            "contamination": contamination}
 
 
 # ── DPO ──────────────────────────────────────────────────────────────────────────────────────

@@ -64,6 +64,9 @@ class PostTrainingRun:
     mlflow_run_id: str = ""
     resumed: bool = False
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)  # this start of the run
+    # a preview (flows/preview.py) is a store run of its own: it never resumes a run, nor
+    # names itself in the folder's marker, so the next full run resumes (or not) as before
+    preview: bool = False
 
     def settings(self, endpoints: dict[str, str | None]) -> RuntimeSettings:
         """What a task needs to rebuild the LLM runtime (small, hashable, no secrets)."""
@@ -79,7 +82,7 @@ class PostTrainingRun:
         close both on the way out (failed when the body raised)."""
         spec, store = self.spec, self.store
         folder_lock = self._claim_folder()
-        previous = self._resumable()
+        previous = None if self.preview else self._resumable()
         if previous:
             self.id, self.mlflow_run_id, self.resumed = (previous["id"],
                                                          previous["mlflow_run_id"], True)
@@ -88,7 +91,8 @@ class PostTrainingRun:
                   f"come from the call cache.")
         else:
             self.id = store.start_run(spec.name, spec.content_hash(), spec.model_dump_json())
-        (self.out / RUN_MARKER).write_text(self.id + "\n")
+        if not self.preview:
+            (self.out / RUN_MARKER).write_text(self.id + "\n")
         if self.mlflow_run_id:
             self.client.update_run(self.mlflow_run_id, status="RUNNING")
         else:
@@ -142,16 +146,18 @@ class PostTrainingRun:
             tags={"posttrain.run_id": self.id, "posttrain.spec_hash": spec.content_hash(),
                   "posttrain.llm": tag,
                   "posttrain.teacher": "simulated" if simulated else "real",
+                  **({"posttrain.preview": "true"} if self.preview else {}),
                   "mlflow.note.content": (
                       f"Roles played by posttrain's SIMULATED teacher: {', '.join(simulated)}."
                       if simulated else f"LLMs: {tag}.")},
         )
 
 
-def prepare_run(spec_path: str, out_dir: str, overrides: dict[str, Any]) -> PostTrainingRun:
+def prepare_run(spec_path: str, out_dir: str, overrides: dict[str, Any],
+                preview: bool = False) -> PostTrainingRun:
     """Pin the spec with the flow's overrides, check the API keys and the services (one clear
     error before any work: flows/preflight.py), open the example store and MLflow, and
-    fingerprint the warehouse data."""
+    fingerprint the warehouse data. `preview`: the run is a preview (see `PostTrainingRun`)."""
     os.environ.update(OFFLINE_ENV)
     started = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -168,7 +174,7 @@ def prepare_run(spec_path: str, out_dir: str, overrides: dict[str, Any]) -> Post
         store=shared_store(store_url), mlflow_uri=mlflow_uri,
         client=MlflowClient(mlflow_uri),
         fingerprint=data_fingerprint(spec, shared_engine(spec.warehouse.url)),
-        progress=Progress.create(), started=started)
+        progress=Progress.create(), started=started, preview=preview)
 
 
 def unchanged_since_champion(client: MlflowClient, spec: Spec, fingerprint: str) -> str | None:

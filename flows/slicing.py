@@ -54,6 +54,7 @@ __all__ = [
     "fetch_slice_row",
     "fetch_slice_rows",
     "member_store",
+    "only_rows",
     "plan_slices",
     "slice_members",
     "slice_source",
@@ -235,6 +236,16 @@ def _write_members(spec: Spec, members: MemberStore, plan_id: str, counts: dict[
     pending.clear()
 
 
+def slice_group(spec: Spec, row: dict) -> str:
+    """The slice group a row belongs to (`region=europe`, `bucket=3`): the slice id before a
+    big group is split by the row cap. Held-out rows are in no slice, but they have a group,
+    so every model's figures can be read by slice (`evaluation.promotion.max_slice_drop`)."""
+    s = spec.slicing
+    if s.method == "group_by":
+        return _base_id(spec, _json_value(row.get(s.column)))
+    return _base_id(spec, stable_hash(row[s.id_column]) % s.buckets)
+
+
 def _base_id(spec: Spec, key: Any) -> str:
     """A group's or bucket's slice id before splitting: 'region=europe', 'bucket=3'."""
     if spec.slicing.method != "group_by":
@@ -386,6 +397,24 @@ def without_rows(slice: SliceDescriptor, row_ids: Iterable[Any], slice_id: str) 
     return slice.model_copy(update={
         "slice_id": slice_id,
         "key": {**slice.key, "topup": slice_id},
+        "members": MembersRef(url=r.url, plan_id=r.plan_id, part=part, lo=0, hi=len(keep)),
+        "row_count": len(keep),
+    })
+
+
+def only_rows(slice: SliceDescriptor, row_ids: Iterable[Any], slice_id: str) -> SliceDescriptor:
+    """The same slice restricted TO these rows: the share a probe agent labels
+    (flows/error_driven.py). The twin of `without_rows`: its ids (the slice's that are among
+    these, compared by `_normalise_row_id`, in the slice's order) are written as a new part
+    of the same plan; ids given twice or not in the slice change nothing."""
+    wanted = {_normalise_row_id(r) for r in row_ids}
+    keep = [m for m in slice_members(slice) if m in wanted]
+    r = slice.members
+    part = f"{slice_id}@{uuid.uuid4().hex[:8]}"  # never an existing part: cached reads stay true
+    member_store(r.url).add_members(r.plan_id, [(part, 0, keep)])
+    return slice.model_copy(update={
+        "slice_id": slice_id,
+        "key": {**slice.key, "probe": slice_id},
         "members": MembersRef(url=r.url, plan_id=r.plan_id, part=part, lo=0, hi=len(keep)),
         "row_count": len(keep),
     })

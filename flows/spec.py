@@ -125,6 +125,16 @@ class Promotion(Strict):
         description="Also refuse promotion when any label's F1 is more than this below the "
         "champion's on the same rows; null: no per-label check.",
     )
+    max_slice_drop: float | None = Field(
+        None, ge=0, le=1,
+        description="Also refuse promotion, whatever the overall gain, when on any slice "
+        "group (the slicing column's value, or hash bucket) of the held-out rows the new model "
+        "falls behind the champion by more than this: classification, `metric` more than this "
+        "below the champion's; text kinds, the judge preferring the champion on more rows than "
+        "the new model by more than this share of the group's rows. null: no per-slice check.")
+    min_slice_rows: int = Field(
+        30, ge=1, description="With max_slice_drop: only slice groups with at least this many "
+        "held-out rows are checked (a smaller group's figure is noise).")
     min_over_baseline: float = Field(
         0.05, ge=0.0, description="Never promote a model whose metric does not beat always "
         "answering the commonest held-out label by more than this (champion or not).")
@@ -170,12 +180,70 @@ class Tracking(Strict):
     )
     experiment: str = Field("posttrain", description="MLflow experiment name.")
     registered_model: str = Field(description="Model Registry name of the trained model.")
+    traces: bool = Field(True, description="One MLflow trace per agent (and the tuner), with "
+                         "its LLM and tool calls, linked to the run (flows/agent_traces.py).")
 
 
 class Store(Strict):
     url: str | None = Field(
         None, description="Example store SQLAlchemy URL. Default: sqlite:///<out>/store.db."
     )
+
+
+class Contamination(Strict):
+    """The near-duplicate guard between training data and held-out rows
+    (flows/contamination.py): an SFT example or DPO pair whose prompt (or, for text answers,
+    chosen/rejected text) is this similar to a held-out row's rendered prompt is dropped."""
+
+    enabled: bool = Field(True, description="Drop training examples and DPO pairs that are "
+                          "near-duplicates (paraphrases, light edits) of held-out rows.")
+    threshold: float = Field(
+        0.3, gt=0.0, le=1.0, description="Jaccard similarity of word n-gram shingles at or "
+        "above which a training text counts as a copy of a held-out prompt (0.3 caught 97% of "
+        "edited copies in the bench and no clean row; 0.25 all copies, and follow-up articles "
+        "on a held-out story too: bench/RESULTS.md).")
+    ngram: int = Field(2, ge=1, le=8, description="Words per shingle (after casefolding and "
+                       "dropping punctuation).")
+    num_perm: int = Field(256, ge=16, le=1024, description="MinHash permutations of the LSH "
+                          "that proposes candidates (each is then verified exactly).")
+
+
+class ErrorDriven(Strict):
+    """Start from the champion's mistakes (flows/error_driven.py): probe rows of every slice
+    are labelled by the run's agents and predicted by the champion; the slices it gets most
+    wrong go first with more turns, and a top-up targets its weakest labels."""
+
+    enabled: bool = Field(
+        False, description="Probe the champion before generating and focus the agents on its "
+        "errors; without a champion the run is a plain one (logged). Classification only.")
+    probe_rows: int = Field(
+        20, ge=1, description="Unlabelled rows per slice (chosen by a hash of the id) the "
+        "agents label and the champion predicts.")
+    max_probe_rows: int = Field(
+        2000, ge=1, description="Probe rows in all: per-slice probes shrink evenly to fit (a "
+        "large warehouse has thousands of slices).")
+    weak_labels: int = Field(
+        2, ge=1, description="The champion's k worst labels by F1 on the probes: the targeted "
+        "top-up's want_labels.")
+    focus_turns: float = Field(
+        2.0, ge=1.0, le=20.0, description="Agents on the champion's weakest slice groups "
+        "(error above zero and at least its overall error on the probes) get this x "
+        "generation.max_turns.")
+    topup: bool = Field(
+        True, description="After the first agents (and retries), send agents over the "
+        "still-unlabelled rows for the weak labels only, before the balance top-up.")
+    start_from_champion: bool = Field(
+        True, description="Fine-tune the champion's weights (and tokenizer) on this run's "
+        "examples instead of a fresh student: what it already does well is kept while the "
+        "focus fixes its errors. False: the student of `student`, as in a plain run.")
+
+    @model_validator(mode="after")
+    def _probe_cap(self) -> ErrorDriven:
+        if self.max_probe_rows < self.probe_rows:
+            raise FieldError("error_driven.max_probe_rows",
+                             f"must be >= probe_rows ({self.probe_rows}), got "
+                             f"{self.max_probe_rows}")
+        return self
 
 
 class Spec(Strict):
@@ -193,6 +261,8 @@ class Spec(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Tracking
     store: Store = Field(default_factory=Store)
+    contamination: Contamination = Field(default_factory=Contamination)
+    error_driven: ErrorDriven = Field(default_factory=ErrorDriven)
 
     @model_validator(mode="before")
     @classmethod
@@ -281,6 +351,14 @@ class Spec(Strict):
                 "training.accelerate_profile",
                 f"must be one of {', '.join(choices)}, got {self.training.accelerate_profile!r}",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _error_driven_kind(self) -> Spec:
+        if self.error_driven.enabled and self.task.kind != "classification":
+            raise FieldError("error_driven.enabled",
+                             f"classification only for now (the champion's errors are label "
+                             f"errors), got task.kind {self.task.kind}: set it to false")
         return self
 
     # ── helpers used across the pipeline ──

@@ -16,7 +16,7 @@ import hashlib
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RUN_STATUSES = ("running", "completed", "failed", "skipped")
+RUN_STATUSES = ("running", "completed", "failed", "skipped", "preview")
 SLICE_STATUSES = ("pending", "running", "done", "failed", "interrupted")  # interrupted: an outage
 EXAMPLE_STATUSES = ("accepted", "rejected")
 CALL_STATUSES = ("ok", "error")

@@ -17,7 +17,9 @@ from collections import Counter
 from prefect.states import Completed, State
 
 from flows import tracking
+from flows.contamination import contamination_summary
 from flows.coverage import outcome
+from flows.error_map import error_map_summary
 from flows.kinds import kind_of
 from flows.llm_endpoints import llm_tag, simulated_roles
 from flows.reports import publish_reports
@@ -29,7 +31,8 @@ from flows.tuning import default_config
 def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: list[dict],
               balance: dict, covered: dict, dataset: dict, sft: dict, tuned: dict | None,
               pairs: dict | None, dpo: dict | None, ev: dict, decision: dict,
-              stage_seconds: dict[str, float], degraded: list[dict] = ()) -> dict:
+              stage_seconds: dict[str, float], degraded: list[dict] = (),
+              error_map: dict | None = None) -> dict:
     spec = run.spec
     calls = run.store.call_totals(run.id)
     misuse: Counter = Counter()
@@ -85,6 +88,7 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
         "duplicates_dropped": dataset["duplicates"],
         "eval_copies_dropped": dataset["eval_copies"],
         "quota_trimmed": dataset["quota_trimmed"],
+        "contamination": contamination_summary(dataset, pairs),  # near-copies of held-out rows
         "train_loss": sft.get("train_loss"),
         "tuning_trials": [{k: t[k] for k in ("trial", "source", "config", "eval_loss",
                                              "status")} for t in tuned["trials"]]
@@ -105,6 +109,8 @@ def summarise(run: PostTrainingRun, *, slices: list[SliceDescriptor], agents: li
         "degraded": list(degraded),  # optional stages that failed, and what went on instead
         "task_kind": spec.task.kind,
         **kind_of(spec).summary(ev, dataset),  # accuracy and labels, or win-rates and ROUGE-L
+        # an error-driven run: the champion's map on the probes, and both models after
+        "error_map": error_map_summary(error_map, ev),
         "stage_seconds": dict(stage_seconds),
         "wall_seconds": run.elapsed(),
     }

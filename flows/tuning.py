@@ -46,8 +46,9 @@ from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agents.skills import load_skill
+from agents.tracing import AGENT, step, use
 from agents.tuner import clamp_config, propose
-from flows import train_configs
+from flows import agent_traces, train_configs
 from flows.progress import Progress
 from flows.runtime import RuntimeSettings, get_runtime
 from flows.spec import Spec
@@ -175,11 +176,17 @@ def propose_trials(spec: Spec, settings: RuntimeSettings | None, stats: dict,
     fill_reason = None
     if k > 0 and spec.llm.tuner is not None:
         role = spec.llm.tuner
+        # one MLflow trace `tuner` in the run's Traces tab: its LLM call, the proposals
+        tracer = agent_traces.run_tracer(spec, settings, agent="tuner")
         try:
-            answers = propose(get_runtime(settings).gateways["tuner"], role.model,
-                              load_skill("propose-training-config"), k, bounds, stats, past,
-                              seen=seen, temperature=role.temperature,
-                              max_tokens=role.max_tokens)
+            with use(tracer), step(tracer, "tuner", AGENT, inputs={
+                    "k": k, "bounds": bounds, "stats": stats, "past_trials": past}) as span:
+                answers = propose(get_runtime(settings).gateways["tuner"], role.model,
+                                  load_skill("propose-training-config"), k, bounds, stats,
+                                  past, seen=seen, temperature=role.temperature,
+                                  max_tokens=role.max_tokens)
+                span.outputs = {"proposals": answers}
+                span.attributes = {"kept": sum(a["config"] is not None for a in answers)}
         except Exception as e:  # noqa: BLE001 - any failure after the gateway's retries
             answers = []
             fill_reason = f"tuner call failed: {e.__class__.__name__}: {str(e)[:300]}"

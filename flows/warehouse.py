@@ -126,10 +126,13 @@ def holdout_predicate(spec: Spec, engine: Engine | Connection) -> tuple[str, dic
 
 
 def iter_eval_rows(spec: Spec, engine: Engine) -> Iterator[dict]:
-    """The held-out rows (trusted read), streamed in batches, by id: id, the template columns
-    and the gold column; at most `evaluation.max_rows`."""
+    """The held-out rows (trusted read), streamed in batches, by id: id, the template columns,
+    the gold column and the group_by column (figures by slice); at most
+    `evaluation.max_rows`."""
     id_col = spec.slicing.id_column
-    cols = list(dict.fromkeys([id_col, *spec.task.template_columns(), spec.task.gold_column]))
+    group = [spec.slicing.column] if spec.slicing.method == "group_by" else []  # by_slice
+    cols = list(dict.fromkeys([id_col, *spec.task.template_columns(), spec.task.gold_column,
+                               *group]))
     cols = [c for c in cols if c]
     cond, params = holdout_predicate(spec, engine)
     sql = (

@@ -315,3 +315,66 @@ def test_prefect_and_mlflow_uis_show_the_served_deployment_and_its_run(
     assert (shots / "readme.png").stat().st_size > 10_000
     print(f"browser test: flow run {flow_run_id} completed, accuracy in MLflow {shown} "
           f"= summary.json {summary['accuracy']}; {time.monotonic() - started:.0f} s")
+
+
+# MLflow's Assistant panel opens on a browser's first visit: kept shut, as
+# docs/screenshots/mlflow_run.py does, so the picture shows the trace
+ASSISTANT_CLOSED = """
+window.localStorage.setItem("mlflow.assistant.fab.autoOpenedOnFirstLoad_v1", "true");
+window.localStorage.setItem("mlflow.assistant.panelOpen_v1", "false");
+"""
+
+
+def test_mlflow_traces_tab_shows_each_agents_trace(mlflow_ui, served, browser, tmp_path):
+    """The parent run's Traces tab lists one trace per agent (flows/agent_traces.py); one
+    opened shows its span tree: the agent, its LLM calls, its sql and submit_examples tools.
+    Reuses the served deployment's run when the test above made one, else starts one."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ui, _ = mlflow_ui
+    shots = Path(os.environ.get(SHOTS_ENV) or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    summary_path = served["out_dir"] / "summary.json"
+    if not summary_path.exists():  # run on its own: one run of the deployment
+        with temporary_settings({PREFECT_API_URL: served["api"]}), \
+                get_client(sync_client=True) as client:
+            flow_run = client.create_flow_run_from_deployment(served["deployment"].id)
+        wait_for_flow_run(served["api"], str(flow_run.id), served["log"], RUN_DEADLINE_S)
+    summary = json.loads(summary_path.read_text())
+    client = MlflowClient(served["tracking_uri"])
+    experiment_id = client.get_run(summary["mlflow_run_id"]).info.experiment_id
+    # the served process writes its traces in the background: wait for one per agent
+    agents = summary["slices"] + summary["agent_retries"] + summary["topup_slices"]
+    deadline = time.monotonic() + 60
+    while len(traces := client.search_traces(
+            locations=[experiment_id], run_id=summary["mlflow_run_id"],
+            include_spans=False)) < agents and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(traces) == agents, (len(traces), agents)
+    slice_id = min(t.info.tags["slice_id"] for t in traces)
+
+    context = browser.new_context(viewport=VIEWPORT, timezone_id="UTC")
+    context.set_default_timeout(60_000)
+    expect.set_options(timeout=60_000)
+    page = context.new_page()
+    page.add_init_script(ASSISTANT_CLOSED)
+    with step(page, "MLflow run's Traces tab", tmp_path):
+        page.goto(f"{ui}/#/experiments/{experiment_id}/runs/{summary['mlflow_run_id']}")
+        page.get_by_role("tab", name="Traces").click()
+        expect(page.get_by_text(f"{len(traces)} of {len(traces)}", exact=True)).to_be_visible()
+        # the Request column shows each agent's task: one row per slice
+        request = page.get_by_text(f'"slice_id": "{slice_id}"')
+        expect(request).to_have_count(1)
+        request.click()
+    with step(page, "an agent's trace", tmp_path):
+        spans = page.get_by_text(re.compile(r"^(agent |generator |sql$|submit_examples$)"))
+        expect(page.get_by_text(f"agent {slice_id}", exact=True).first).to_be_visible()
+        expect(page.get_by_text("sql", exact=True).first).to_be_visible()
+        expect(page.get_by_text("submit_examples", exact=True).first).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^generator ")).first).to_be_visible()
+        assert spans.count() >= 4
+        # the root span's outputs: the agent's accepted count and why it stopped
+        expect(page.get_by_text("stopped_reason", exact=True).first).to_be_visible()
+        page.screenshot(path=str(shots / "mlflow_traces.png"))

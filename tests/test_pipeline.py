@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,9 @@ def test_every_non_holdout_row_labelled_once_and_holdout_never_seen(two_runs, sm
     # the BBC corpus holds some duplicate articles: curate drops exact copies and anything
     # identical to a held-out prompt
     assert first["train_examples"] == (first["examples_accepted"] - first["duplicates_dropped"]
-                                       - first["eval_copies_dropped"])
+                                       - first["eval_copies_dropped"]
+                                       - first["contamination"]["sft_removed"])
+    assert first["contamination"]["sft_checked"] > 0 and first["contamination"]["enabled"]
     store = sa.create_engine(f"sqlite:///{tmp / 'run1' / 'store.db'}")
     with store.connect() as c:
         rows = c.execute(sa.text(
@@ -96,8 +99,12 @@ def test_every_non_holdout_row_labelled_once_and_holdout_never_seen(two_runs, sm
     assert calls == first["llm_calls"]
     prompts = [json.loads(line)["prompt"] for line in
                (tmp / "run1" / "data" / "train.jsonl").read_text().splitlines()]
-    eval_rows = json.loads((tmp / "run1" / "eval.json").read_text())["final"]["n"]
+    final = json.loads((tmp / "run1" / "eval.json").read_text())["final"]
+    eval_rows = final["n"]
     assert eval_rows == first["eval_examples"]
+    # figures by slice group (the promotion rule's max_slice_drop reads them) cover every row
+    assert sum(g["n"] for g in final["by_slice"].values()) == eval_rows
+    assert all(g.startswith("region=") for g in final["by_slice"])
     assert all(p.startswith("Title: ") and p.endswith("\nTopic:") for p in prompts)
     assert len(prompts) == first["train_examples"]
     from flows.spec import load_spec
@@ -172,6 +179,16 @@ def test_mlflow_parent_child_dataset_and_registry(two_runs):
     text = Path(client.download_artifacts(first["mlflow_run_id"], transcripts[0].path,
                                           str(tmp / "dl"))).read_text()
     assert "<slice>" in text and '"role": "assistant"' in text
+    # and one MLflow trace per agent in the parent run's Traces tab (flows/agent_traces.py)
+    import mlflow
+
+    mlflow.flush_trace_async_logging()
+    traces = client.search_traces(locations=[parent.info.experiment_id],
+                                  run_id=first["mlflow_run_id"], include_spans=False)
+    file_name = lambda slice_id: "".join(  # as flows/generation.py names them
+        c if c.isalnum() or c in "-_.=" else "_" for c in slice_id)
+    assert sorted(file_name(t.info.tags["slice_id"]) for t in traces) == sorted(
+        r.path.split("/")[-1].removesuffix(".jsonl") for r in transcripts)
 
 
 def test_prefect_recorded_one_task_run_per_slice(two_runs):
@@ -214,3 +231,54 @@ def test_a_nightly_run_without_new_data_stops_early(two_runs, small_warehouse_ur
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     spec = load_spec(spec_path)
     assert unchanged_since_champion(client, spec, "1:0") is None  # other data: train
+
+
+def test_error_driven_run_probes_the_champion_and_focuses(two_runs, small_warehouse_url):
+    """On the registry `two_runs` left (champion v1), an error-driven run: the agents label
+    a hash sample of each slice, the champion predicts it, and the map decides the order; the
+    probe rows are ordinary examples of the run, each row still labelled once."""
+    from flows.pipeline import post_training
+
+    tmp, first, _ = two_runs
+    path = tiny_spec(small_warehouse_url, tmp, LEARNS["student"], max_steps=1)
+    data = yaml.safe_load(path.read_text())
+    data["error_driven"] = {"enabled": True, "probe_rows": 6, "weak_labels": 2,
+                            "focus_turns": 2.0}
+    path.write_text(yaml.safe_dump(data))
+    s = post_training(spec_path=str(path), out_dir=str(tmp / "run_ed"))
+    emap = json.loads((tmp / "run_ed" / "error_map_before.json").read_text())
+    assert emap["champion_version"] == "1" and s["error_map"]["champion_version"] == "1"
+    store = sa.create_engine(f"sqlite:///{tmp / 'run_ed' / 'store.db'}")
+    with store.connect() as c:
+        probed = c.execute(sa.text("SELECT slice_id, row_id FROM examples WHERE status = "
+                                   "'accepted' AND slice_id LIKE '%+probe'")).all()
+        rows = c.execute(sa.text(
+            "SELECT row_id FROM examples WHERE status = 'accepted'")).scalars().all()
+    assert len(probed) == emap["n"] > 0 and emap["probe_slices"] == first["slices"]
+    assert all(n <= 6 for n in Counter(sid for sid, _ in probed).values())
+    assert len(rows) == len(set(rows))  # the first agents skipped the probed rows
+    assert s["examples_accepted"] == first["examples_accepted"]  # the same rows, once each
+    # the champion learnt the task (0.7+ held out): its map is of real predictions
+    assert emap["accuracy"] > 0.4 and sum(g["n"] for g in emap["by_slice"].values()) == emap["n"]
+    f1 = {k: m["f1"] for k, m in emap["per_label"].items() if m["support"]}
+    assert emap["weak_labels"] == sorted(f1, key=lambda k: (f1[k], -emap["per_label"][k][
+        "support"], k))[:2]
+    errors = [emap["by_slice"].get(g.split("#")[0], {}).get("error", 0)
+              for g in emap["focus"]["order"]]
+    assert errors == sorted(errors, reverse=True)  # worst group first
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.data.metrics["error_map.champion_accuracy"] == pytest.approx(emap["accuracy"])
+    assert run.data.tags["posttrain.weak_labels"] == ",".join(emap["weak_labels"])
+    assert "error_map_before.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    after = s["error_map"]["after"]
+    assert set(after["f1"]) == set(data["task"]["labels"])
+    assert all({"final", "champion"} <= set(v) for v in after["f1"].values())
+    assert "## Error map" in (tmp / "run_ed" / "summary.md").read_text()
+    # the SFT fine-tuned the champion's own weights and tokenizer (start_from_champion)
+    sft_run = next(r for r in client.search_runs([run.info.experiment_id])
+                   if r.data.tags.get("mlflow.parentRunId") == run.info.run_id
+                   and "model.name_or_path" in r.data.params)
+    assert sft_run.data.params["model.name_or_path"] == str(tmp / "run_ed" / "champion" / "model")
+    assert emap["start_from_champion"] is True
+    assert s["promoted"] is False  # one training step: v1 stays champion for the next test

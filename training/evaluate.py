@@ -60,6 +60,35 @@ def classification_metrics(predictions: list[str], gold: list[str], labels: list
     }
 
 
+def metrics_by_group(predictions: list[str], gold: list[str], groups: list[str],
+                     labels: list[str]) -> dict[str, dict]:
+    """{group: {n, accuracy, macro_f1}}: the same figures within each group of rows (a slice
+    of the warehouse), so a model that gains overall but fails one slice shows it."""
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    out = {}
+    for group in sorted(rows):
+        m = classification_metrics([predictions[i] for i in rows[group]],
+                                   [gold[i] for i in rows[group]], labels)
+        out[group] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+    return out
+
+
+def per_group_report(by_group: dict[str, dict], champion: dict[str, dict] | None = None) -> str:
+    """A markdown table of accuracy and macro-F1 per slice group (beside the champion's)."""
+    head = "| slice | rows | accuracy | macro-F1 |" + (" champion acc. | champion F1 |"
+                                                     if champion else "")
+    lines = [head, "|---|---:|---:|---:|" + ("---:|---:|" if champion else "")]
+    for group, m in by_group.items():
+        line = f"| {group} | {m['n']} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} |"
+        if champion:
+            c = champion.get(group) or {}
+            line += (f" {c['accuracy']:.3f} | {c['macro_f1']:.3f} |" if c else " — | — |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def per_label_report(result: dict) -> str:
     """A markdown table of precision, recall, F1 and support per label, then the totals."""
     lines = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]

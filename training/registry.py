@@ -154,12 +154,16 @@ def decide_promotion(
     max_label_drop: float | None,
     baseline: float | None = None,
     min_over_baseline: float = 0.0,
+    max_slice_drop: float | None = None,
+    min_slice_rows: int = 30,
 ) -> dict:
     """Whether `candidate` should replace `champion` (both `evaluate_classifier` results on
     the same rows): it must beat the trivial `baseline` (always answering the commonest
     label, scored by `metric` on the same rows) by more than `min_over_baseline`, whether or
     not there is a champion; beat the champion's `metric` by more than `min_improvement`;
-    and, when `max_label_drop` is set, lose no more than that much F1 on any label.
+    when `max_label_drop` is set, lose no more than that much F1 on any label; and when
+    `max_slice_drop` is set, lose no more than that much `metric` on any slice group
+    (`by_slice`) of at least `min_slice_rows` rows (a smaller group's figure is noise).
 
     Figures are compared with a 1e-9 tolerance, so 0.8 vs 0.7 + 0.1 is a tie, not a win.
     Returns {promote, reason}; the reason names every failing figure."""
@@ -183,12 +187,33 @@ def decide_promotion(
                 failures.append(
                     f"label '{label}' F1 {f1:.3f} < champion {m['f1']:.3f} - {max_label_drop:g}"
                 )
+    if max_slice_drop is not None:
+        failures += _slice_drops(candidate, champion, metric, max_slice_drop, min_slice_rows)
     if failures:
         return {"promote": False, "reason": "; ".join(failures)}
     reason = f"{metric} {new:.3f} > champion {old:.3f} + {min_improvement:g}"
     if max_label_drop is not None:
         reason += f"; no label's F1 dropped by more than {max_label_drop:g}"
+    if max_slice_drop is not None:
+        reason += (f"; no slice's {metric} dropped by more than {max_slice_drop:g} "
+                   f"(slices of {min_slice_rows}+ rows)")
     return {"promote": True, "reason": reason}
+
+
+def _slice_drops(candidate: dict, champion: dict, metric: str, max_drop: float,
+                 min_rows: int) -> list[str]:
+    """One failure line per slice group where the candidate's `metric` fell more than
+    `max_drop` below the champion's (both on the same held-out rows of that group)."""
+    mine, theirs = candidate.get("by_slice") or {}, champion.get("by_slice") or {}
+    failures = []
+    for group, c in theirs.items():
+        m = mine.get(group)
+        if m is None or c["n"] < min_rows:
+            continue
+        if c[metric] - m[metric] > max_drop + EPS:
+            failures.append(f"slice '{group}' {metric} {m[metric]:.3f} < champion "
+                            f"{c[metric]:.3f} - {max_drop:g} ({c['n']} rows)")
+    return failures
 
 
 def decide_win_rate_promotion(

@@ -6,7 +6,8 @@ is scored by greedy decoding and matching the longest label its text starts with
 macro-F1, per-label precision/recall/F1 and the confusion matrix; the trivial baseline always
 answers the commonest gold label. Promotion follows `evaluation.promotion`: beat that
 baseline by `min_over_baseline`, the champion by `min_improvement` on `metric`, and lose no
-more than `max_label_drop` F1 on any label.
+more than `max_label_drop` F1 on any label, nor more than `max_slice_drop` of `metric` on
+any slice group with `min_slice_rows` held-out rows (`score` gives figures `by_slice`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from agents.skills import load_skill
 from flows import distribution
 from flows.render import render_completion, render_prompt
 from flows.reports.markdown import label_table, num, table
+from flows.slicing import slice_group
 from flows.spec import Spec
 from training.evaluate import (
     classification_metrics,
     confusion_matrix_png,
     evaluate_classifier,
+    metrics_by_group,
+    per_group_report,
     per_label_report,
 )
 from training.registry import decide_promotion
@@ -94,9 +98,14 @@ class Classification:
         return [str(r[self.spec.task.gold_column]) for r in rows]
 
     def score(self, model_dir: str | Path, rows: list[dict]) -> dict:
-        return evaluate_classifier(str(model_dir), [render_prompt(self.spec, r) for r in rows],
-                                   self._gold(rows), labels=self.labels,
-                                   max_new_tokens=self.spec.evaluation.max_new_tokens)
+        """The kind's figures on `rows`, overall, per label and per slice group."""
+        gold = self._gold(rows)
+        result = evaluate_classifier(str(model_dir), [render_prompt(self.spec, r) for r in rows],
+                                     gold, labels=self.labels,
+                                     max_new_tokens=self.spec.evaluation.max_new_tokens)
+        groups = [slice_group(self.spec, r) for r in rows]
+        return result | {"by_slice": metrics_by_group(result["predictions"], gold, groups,
+                                                      self.labels)}
 
     def baseline(self, rows: list[dict]) -> dict:
         """Always answering the commonest gold label: context for the base model's figure,
@@ -114,6 +123,9 @@ class Classification:
         if ev.get("champion"):
             report += (f"\n# Champion v{ev['champion_version']} on the same rows\n\n"
                        f"{per_label_report(ev['champion'])}")
+        champion = (ev.get("champion") or {}).get("by_slice")
+        report += ("\n# By slice (trained model" + (", champion beside it" if champion else "")
+                   + f")\n\n{per_group_report(ev['final']['by_slice'], champion)}")
         (eval_dir / "per_label.md").write_text(report)
         confusion_matrix_png(ev["final"], self.labels, eval_dir / "confusion_matrix.png")
         return [eval_dir / "per_label.md", eval_dir / "confusion_matrix.png"]
@@ -144,7 +156,9 @@ class Classification:
         return decide_promotion(ev["final"], ev.get("champion"), metric=rule.metric,
                                 min_improvement=rule.min_improvement,
                                 max_label_drop=rule.max_label_drop, baseline=baseline,
-                                min_over_baseline=rule.min_over_baseline)
+                                min_over_baseline=rule.min_over_baseline,
+                                max_slice_drop=rule.max_slice_drop,
+                                min_slice_rows=rule.min_slice_rows)
 
     # ── the run's pages ─────────────────────────────────────────────────────────────────
     def report_metrics(self, s: dict, ev: dict) -> list[str]:

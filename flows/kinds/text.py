@@ -28,6 +28,7 @@ from agents.providers import ProviderError
 from agents.skills import load_skill
 from flows.render import render_completion, render_prompt
 from flows.reports.markdown import num, table
+from flows.slicing import slice_group
 from flows.spec import Spec
 from training.evaluate import generate_texts
 from training.registry import decide_win_rate_promotion
@@ -125,6 +126,8 @@ class TextKind:
         if ev.get("champion"):
             out["versus_champion"] = judge.compare(final, ev["champion"][OUTPUTS], items,
                                                    agent="evaluation/versus-champion")
+            out["versus_champion_by_slice"] = verdicts_by_slice(
+                out["versus_champion"]["per_row"], [slice_group(self.spec, r) for r in rows])
         return out
 
     # ── what the evaluation reads as ────────────────────────────────────────────────────
@@ -185,6 +188,12 @@ class TextKind:
             weak.append(f"the judge decided only {against['decided']} of {against['n']} rows "
                         f"({decided:.0%}; the others tied), under the "
                         f"{rule.min_decided_share:.0%} the rule needs")
+        if rule.max_slice_drop is not None:  # the judge preferred the champion on a slice
+            weak += [f"slice '{g}': the judge preferred the champion on {v['losses']} of "
+                     f"{v['n']} rows, the new model on {v['wins']} (net {v['net']:+.3f} < "
+                     f"-{rule.max_slice_drop:g})"
+                     for g, v in (ev.get("versus_champion_by_slice") or {}).items()
+                     if v["n"] >= rule.min_slice_rows and v["net"] < -rule.max_slice_drop]
         ref, floor = self._ref(final), self._ref(base)
         if ref is not None and floor is not None and not ref > floor:
             weak.append(f"{self.metric} {ref:.3f} does not beat the base model's {floor:.3f}")
@@ -357,3 +366,16 @@ def _report_data(kind: TextKind, s: dict) -> list[str]:
                                                      for b in histogram])]
     return lines
 
+
+def verdicts_by_slice(per_row: list[dict], groups: list[str]) -> dict[str, dict]:
+    """The judge's pairwise verdicts by slice group: {group: {n, wins, losses, ties, net}},
+    net = (wins - losses) / n, so a slice where the new model loses to the champion shows
+    a negative net however well it does elsewhere."""
+    out: dict[str, dict] = {}
+    for verdict, group in zip(per_row, groups, strict=True):
+        g = out.setdefault(group, {"n": 0, "wins": 0, "losses": 0, "ties": 0})
+        g["n"] += 1
+        g[{"win": "wins", "loss": "losses"}.get(verdict["outcome"], "ties")] += 1
+    for g in out.values():
+        g["net"] = (g["wins"] - g["losses"]) / g["n"]
+    return dict(sorted(out.items()))

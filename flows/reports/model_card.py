@@ -7,6 +7,7 @@ MLflow registry.
 
 from __future__ import annotations
 
+from flows.contamination import report_lines as contamination_lines
 from flows.reports.markdown import decision_lines, num, table
 from flows.spec import Spec
 
@@ -52,6 +53,7 @@ def model_card(spec: Spec, summary: dict, evaluation: dict | None, version_tags:
                   f"{k} {(s.get('label_counts') or {}).get(k, 0)}" for k in labels) + "."
               if labels else f"- Near-duplicate answers dropped: "
               f"{s.get('near_duplicates_dropped', 0)}."]
+    lines += contamination_lines(s.get("contamination"))  # near-copies of held-out rows
     lines += ["", "## Training", ""]
     student = spec.student
     tiny = student.tiny

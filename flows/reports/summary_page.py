@@ -9,6 +9,7 @@ Prefect summary artifact.
 
 from __future__ import annotations
 
+from flows.contamination import report_lines as contamination_lines
 from flows.reports.markdown import decision_lines, num, table
 from flows.spec import Spec
 
@@ -105,8 +106,12 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
             [c["slice_id"], c["labelled"], c["planned"], c["excluded"], num(c["coverage"]),
              "; ".join(c.get("agents") or [])] for c in short], align="lrrrrl")
 
+    lines += contamination_lines(s.get("contamination"))  # near-copies of held-out rows
+
     # labels, or answers
     lines += kind.report_data(s, stages)
+
+    lines += error_map_lines(s.get("error_map"))  # an error-driven run
 
     # cost
     by_role = s.get("cost_by_role") or {}
@@ -128,3 +133,40 @@ def summary_markdown(spec: Spec, summary: dict, stages: dict[str, dict], slice_t
         lines += ["", "Plots (MLflow): " + " · ".join(f"[{n}]({u})"
                                                      for n, u in plot_links.items())]
     return "\n".join(lines) + "\n"
+
+
+def error_map_lines(emap: dict | None) -> list[str]:
+    """The "Error map" section of an error-driven run (flows/error_driven.py): where the
+    champion erred on the probe rows, and each label's F1 (each slice group's accuracy, where
+    evaluation gives it) of the new model beside the champion's on the held-out rows."""
+    if not emap:
+        return []
+    before, after = emap.get("before") or {}, emap.get("after") or {}
+    weak = before.get("weak_labels") or []
+    lines = ["", "## Error map", "",
+             (f"Champion v{emap.get('champion_version')} on {before.get('n')} probe rows "
+              f"labelled by this run's agents: accuracy {num(before.get('accuracy'))}; weak "
+              f"labels {', '.join(weak) or 'none'}; groups given more turns: "
+              f"{', '.join(before.get('focus_groups') or []) or 'none'}."), ""]
+    f1_after = after.get("f1") or {}
+    lines += table(["label", "F1 on probes (champion)", "F1 held out (new)",
+                    "F1 held out (champion)"],
+                   [[f"**{k}**" if k in weak else k, num(v), num(f1_after.get(k, {}).get("final")),
+                     num(f1_after.get(k, {}).get("champion"))]
+                    for k, v in (before.get("f1") or {}).items()])
+    groups = before.get("by_slice") or {}
+    held = after.get("by_slice") or {}
+    if groups:
+        lines += [""] + table(["slice group", "probe rows", "champion error (probes)",
+                               "accuracy held out (new)", "accuracy held out (champion)"],
+                              [[g, m.get("n"), num(m.get("error")),
+                                num((held.get(g, {}).get("final") or {}).get("accuracy")),
+                                num((held.get(g, {}).get("champion") or {}).get("accuracy"))]
+                               for g, m in sorted(groups.items(),
+                                                  key=lambda x: -x[1].get("error", 0))])
+    confusions = before.get("confusions") or []
+    if confusions:
+        lines += ["", "Champion's top confusions on the probes (agents' label -> champion's): "
+                  + ", ".join(f"{c['gold']} -> {c['predicted']} ({c['count']})"
+                              for c in confusions[:5]) + "."]
+    return lines
