@@ -157,3 +157,60 @@ def test_outage_quick_ends_the_stage_keeps_the_work_and_resumes(tmp_path):
     assert f["coverage_after_resume"] >= 0.98
     assert f["repeated_answered_requests"] == 0 and f["duplicate_examples"] == 0
     assert f["versions_after_resume"] == 1
+
+
+def test_preview_quick_is_fast_and_the_full_run_reuses_its_calls(tmp_path):
+    """`posttrain preview` cold (a subprocess, a fresh folder), then the full run's generate
+    stage on the previewed slices in that folder: every call the preview paid for comes back
+    from the call cache, and the full run is a run of its own."""
+    f = run_bench("preview.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    assert len(f["slices"]) == 2 and f["preview_accepted"] >= f["rows_per_slice"]
+    assert f["preview_wall_s"] < 60
+    assert f["preview_calls"] > 0 and f["previewed_calls_reused"] == f["preview_calls"]
+    assert f["usd_not_paid"] == f["preview_cost_usd"] > 0
+    assert f["full_resumed_the_preview"] is False
+    assert f["full_accepted_on_previewed_slices"] > f["preview_accepted"]
+
+
+def test_contamination_quick_removes_edited_copies_of_held_out_rows(tmp_path):
+    """Edited copies of held-out rows injected into the demo warehouse under training ids:
+    the guard curation runs removes them, and almost no clean row (genuine corpus copies of
+    held-out articles are counted apart)."""
+    f = run_bench("contamination.py", tmp_path, "--quick")
+    assert f["quick"] is True and f["injected"] == 60
+    assert f["injected_removed_share"] >= 0.95 and f["clean_removed_share"] < 0.01
+    assert f["checked"] == f["clean"] + f["injected"] and f["wall_s"] < 30
+
+
+def test_error_driven_quick_probes_the_champion_and_spends_on_its_weak_labels(tmp_path):
+    """A champion on half the slices, then a plain and an error-driven retrain over all of
+    them on one LLM budget (--quick: 5 training steps, so only the mechanics are checked: the
+    probe map, the budget, the call shares; the F1 comparison is the full run's)."""
+    f = run_bench("error_driven.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    s = f["per_seed"][0]
+    assert f["quick"] is True and s["champion_slices"] == s["slices"] // 2
+    assert s["champion_probe"]["n"] > 0 and len(s["weak_labels"]) == 2
+    for run in ("plain", "error_driven"):
+        r = s[run]
+        assert 0 < r["coverage"] < 1  # the budget stopped both before every row was labelled
+        assert r["cost_usd"] <= s["budget_usd"] * 1.5  # in-flight calls may overshoot a little
+        assert sum(r["accepted_by_label"].values()) == r["accepted"] > 0
+    assert s["error_driven"]["weak_call_share"] > s["plain"]["weak_call_share"]
+
+
+def test_tracing_quick_traces_every_agent_and_both_sides_do_the_same_work(tmp_path):
+    """The same agents with MLflow tracing off and on (a fresh call cache each side, so both
+    make every call for real): one trace per agent, its spans read back from the store, and
+    the same LLM calls, teacher requests and accepted examples on both sides. The timings are
+    bench/RESULTS.md's, not asserted."""
+    f = run_bench("tracing.py", tmp_path, "--quick", "--keep", str(tmp_path / "work"))
+    assert f["quick"] is True and f["agents"] == 2 and f["traces_equal_agents"] is True
+    for lat in f["latencies_ms"]:
+        k = f"_l{lat:g}"
+        assert f["traces" + k] == f["agents"] == f["completed_agents" + k]
+        assert f["calls_equal" + k] is True and f["cached_calls" + k] == 0
+        assert f["llm_calls" + k] == f["llm_calls_off" + k] == f["teacher_requests_on" + k] > 0
+        assert f["llm_spans" + k] == f["llm_calls" + k]  # every call, failed or not, a span
+        assert f["spans" + k] > f["llm_spans" + k] and f["spans_equal" + k] is True
+        assert f["accepted_on" + k] == f["accepted_off" + k] > 0
+        assert f["store_bytes" + k] > 0 and f["bytes_per_span" + k] > 0
