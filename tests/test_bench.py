@@ -196,6 +196,7 @@ def test_error_driven_quick_probes_the_champion_and_spends_on_its_weak_labels(tm
         assert r["cost_usd"] <= s["budget_usd"] * 1.5  # in-flight calls may overshoot a little
         assert sum(r["accepted_by_label"].values()) == r["accepted"] > 0
     assert s["error_driven"]["weak_call_share"] > s["plain"]["weak_call_share"]
+    assert s["error_driven_start_from_champion"] is True  # the default: it fine-tunes the champion
 
 
 def test_tracing_quick_traces_every_agent_and_both_sides_do_the_same_work(tmp_path):
