@@ -151,6 +151,7 @@ def error_map_summary(emap: dict | None, ev: dict) -> dict | None:
             by_slice[group][who] = {k: m.get(k) for k in ("n", "accuracy", "macro_f1")}
     return {
         "champion_version": emap.get("champion_version"),
+        "start_from_champion": bool(emap.get("start_from_champion")),
         "before": {k: emap.get(k) for k in ("n", "accuracy", "macro_f1", "weak_labels",
                                              "by_slice", "confusions")}
         | {"f1": {k: v["f1"] for k, v in (emap.get("per_label") or {}).items()},

@@ -280,5 +280,6 @@ def test_error_driven_run_probes_the_champion_and_focuses(two_runs, small_wareho
                    if r.data.tags.get("mlflow.parentRunId") == run.info.run_id
                    and "model.name_or_path" in r.data.params)
     assert sft_run.data.params["model.name_or_path"] == str(tmp / "run_ed" / "champion" / "model")
-    assert emap["start_from_champion"] is True
+    assert emap["start_from_champion"] is True and s["error_map"]["start_from_champion"] is True
+    assert "fine-tuned from the champion's weights" in (tmp / "run_ed" / "summary.md").read_text()
     assert s["promoted"] is False  # one training step: v1 stays champion for the next test

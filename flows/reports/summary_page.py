@@ -147,7 +147,10 @@ def error_map_lines(emap: dict | None) -> list[str]:
              (f"Champion v{emap.get('champion_version')} on {before.get('n')} probe rows "
               f"labelled by this run's agents: accuracy {num(before.get('accuracy'))}; weak "
               f"labels {', '.join(weak) or 'none'}; groups given more turns: "
-              f"{', '.join(before.get('focus_groups') or []) or 'none'}."), ""]
+              f"{', '.join(before.get('focus_groups') or []) or 'none'}. The new model "
+              + ("was fine-tuned from the champion's weights."
+                 if emap.get("start_from_champion") else "was trained from a fresh student.")),
+             ""]
     f1_after = after.get("f1") or {}
     lines += table(["label", "F1 on probes (champion)", "F1 held out (new)",
                     "F1 held out (champion)"],
