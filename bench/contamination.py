@@ -29,18 +29,48 @@ Figures (the last line printed, one JSON object):
 
     .venv/bin/python bench/contamination.py --quick     # 60 injected rows, 2 sweep points
     .venv/bin/python bench/contamination.py             # 600 injected rows, 6 sweep points
+
+Scale mode (`--scale N`): the cost of the held-out index at warehouse sizes the demo does not
+reach. N held-out prompts are made from the demo table's rows: row k keeps article k mod 2,225's
+title, with " (k div 2,225)" after it as bench/warehouses.py grows a table, and its body is 70
+words walked at random (seeded by k) along the demo bodies' word chain (each next word one that
+follows the last somewhere in the corpus). So two rows share the corpus's common word pairs, as
+unrelated articles do, but not whole leads: copies of the 2,225 articles under new titles would
+make every prompt a near-copy of dozens of others, and bodies of whole sentences drawn from the
+demo's ~40k share sentences once N is large (at 3,000 rows already 37 of 800 new rows matched).
+They are streamed into a `HeldOutIndex` (the demo spec's threshold, ngram, num_perm),
+then `--checks` training prompts (default 5,000) are looked up: a fifth are edited copies of
+indexed prompts (the edits above), the rest new rows made the same way (k >= N), not indexed.
+Each index is built in a fresh process (`--scale-point`), so its peak RSS is its own:
+    made_up_rows_s (making up and rendering the held-out rows, streamed into the build),
+    build_s, build_ms_per_row (the index's own work: the build's time less made_up_rows_s),
+    index_bytes_per_row (after only: the bytes the index's arrays hold, `HeldOutIndex.nbytes`),
+    rss_bytes_per_row (RSS after the build minus before, per row: with the build's freed
+    buffers that the C allocator keeps for the process's next allocations),
+    peak_rss_bytes_per_row (peak RSS minus RSS before the build, per row), check_s,
+    check_rows_per_s, copies_removed (of copies), fresh_removed (of fresh)
+`--compare` builds `agents.text_diversity.NearDuplicates` too (the structure the index used
+before, still used for answers) on the same prompts: its figures under "before", and
+`verdicts_differing`, the checks whose verdict (matched prompt, similarity) differ (wanted 0).
+
+    .venv/bin/python bench/contamination.py --scale 20000 --compare
+    .venv/bin/python bench/contamination.py --scale 100000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
+import resource
 import shutil
 import sqlite3
+import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
@@ -305,6 +335,138 @@ def index_bytes_per_row(spec, spec_path: str) -> float:
     engine.dispose()
     return round(size / max(len(index), 1))
 
+# ── scale mode ──────────────────────────────────────────────────────────────────────────────
+SCALE_WORDS = 70  # words in a made-up body (the 300-character lead shows ~50)
+
+
+def demo_text(db: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """The demo's titles in id order, and its bodies' word chain: word -> every word that
+    follows it in some body (with repeats, so drawn as often as the corpus has it)."""
+    con = sqlite3.connect(db)
+    try:
+        articles = con.execute("SELECT title, body FROM articles ORDER BY id").fetchall()
+    finally:
+        con.close()
+    chain: dict[str, list[str]] = {}
+    for _, body in articles:
+        for a, b in pairwise(body.split()):
+            chain.setdefault(a, []).append(b)
+    return [t for t, _ in articles], chain
+
+
+def scale_row(titles: list[str], chain: dict, seed: int, k: int) -> dict:
+    """Made-up row k: title k mod len (" (k div len)" after it, as bench/warehouses.py grows
+    a table), and a body walked along the demo's word chain from a random word (seeded by k):
+    its word pairs are the corpus's, so two rows share the common ones ("of the"), as two
+    unrelated articles do, and rarely more."""
+    rng = random.Random(f"{seed}:{k}")
+    copy, i = divmod(k, len(titles))
+    words = [rng.choice(titles[rng.randrange(len(titles))].split())]
+    while len(words) < SCALE_WORDS:
+        words.append(rng.choice(chain.get(words[-1]) or list(chain)))
+    return {"id": k + 1, "title": titles[i] if copy == 0 else f"{titles[i]} ({copy})",
+            "body": " ".join(words)}
+
+
+def scale_checks(titles: list[str], chain: dict, seed: int, n: int, checks: int
+                 ) -> tuple[list[dict], int]:
+    """(the training rows to check, how many of them come first as edited copies of indexed
+    rows): a fifth are edited copies of rows < n, the rest new rows n, n+1, ..."""
+    rng = random.Random(f"{seed}:checks")
+    copies = checks // 5
+    rows = []
+    for _ in range(copies):
+        row = scale_row(titles, chain, seed, rng.randrange(n))
+        row["title"], row["body"], _ = edited_copy(row["title"], row["body"], rng)
+        rows.append(row)
+    rows += [scale_row(titles, chain, seed, n + i) for i in range(checks - copies)]
+    return rows, copies
+
+
+def _rss() -> int:
+    """Resident memory now, bytes (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def scale_point(kind: str, spec, db: Path, n: int, checks: int, seed: int
+                ) -> tuple[dict, list]:
+    """Index n made-up held-out prompts with `kind` ("after": HeldOutIndex, "before":
+    NearDuplicates), check the training prompts: (figures, verdicts [excerpt, similarity] or
+    None, in the checks' order)."""
+    import datasketch  # noqa: F401  (imported before the baseline: its ~50 MB are not the index's)
+
+    from agents.text_diversity import NearDuplicates
+    from flows.contamination import HeldOutIndex, _excerpt
+    from flows.warehouse import render_prompt
+
+    c = spec.contamination
+    titles, chain = demo_text(db)
+    items, copies = scale_checks(titles, chain, seed, n, checks)
+    prompts = [render_prompt(spec, row) for row in items]
+    made_up_s = 0.0  # making up and rendering the held-out rows, apart from the index's work
+
+    def held():
+        nonlocal made_up_s
+        for k in range(n):
+            t = time.perf_counter()
+            prompt = render_prompt(spec, scale_row(titles, chain, seed, k))
+            made_up_s += time.perf_counter() - t
+            yield prompt
+
+    rss = _rss()
+    t0 = time.perf_counter()
+    structure = {}
+    if kind == "after":
+        index = HeldOutIndex(held(), c.threshold, c.ngram, c.num_perm)
+        match = index.match
+        structure["index_bytes_per_row"] = round(index.nbytes / n)
+    else:
+        near = NearDuplicates(threshold=c.threshold, num_perm=c.num_perm, ngram=c.ngram)
+        for k, prompt in enumerate(held()):
+            near.add(str(k), prompt)
+
+        def match(text: str):
+            hit = near.find(text)
+            return None if hit is None else (_excerpt(near.text_of(hit[0])), hit[1])
+    build_s = time.perf_counter() - t0 - made_up_s
+    rss_after, peak = _rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    verdicts = [match(p) for p in prompts]
+    check_s = time.perf_counter() - t0
+    return {"made_up_rows_s": round(made_up_s, 2), "build_s": round(build_s, 2),
+            "build_ms_per_row": round(1000 * build_s / n, 3),
+            **structure, "rss_bytes_per_row": round((rss_after - rss) / n),
+            "peak_rss_bytes_per_row": round((peak - rss) / n),
+            "check_s": round(check_s, 2), "check_rows_per_s": round(len(prompts) / check_s, 1),
+            "copies_removed": sum(v is not None for v in verdicts[:copies]),
+            "fresh_removed": sum(v is not None for v in verdicts[copies:])}, verdicts
+
+
+def scale(args, folder: Path) -> dict:
+    """The index at `args.scale` held-out prompts, each kind in its own process."""
+    from flows.spec import load_spec
+
+    db, spec_path = demo_copy(folder)
+    spec = load_spec(spec_path)
+    c = spec.contamination
+    figures = {"scale": args.scale, "checks": args.checks, "copies": args.checks // 5,
+               "fresh": args.checks - args.checks // 5, "threshold": c.threshold,
+               "ngram": c.ngram, "num_perm": c.num_perm}
+    verdicts = {}
+    for kind in ["after", "before"] if args.compare else ["after"]:
+        out = folder / f"scale-{kind}.json"
+        cmd = [sys.executable, __file__, "--scale-point", kind, str(spec_path), str(db),
+               str(out), "--scale", str(args.scale), "--checks", str(args.checks),
+               "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scale point {kind} failed:\n{proc.stderr[-4000:]}")
+        figures[kind], verdicts[kind] = json.loads(out.read_text())
+    if args.compare:
+        figures["verdicts_differing"] = sum(a != b for a, b in zip(verdicts["after"],
+                                                                   verdicts["before"]))
+    return figures
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -312,9 +474,31 @@ def main() -> None:
     ap.add_argument("--injected", type=int, help="edited copies (default 60 quick, else 600)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="keep the warehouse copy here (default: a temp folder)")
+    ap.add_argument("--scale", type=int, help="scale mode: an index of N made-up held-out "
+                    "prompts, its build and check costs")
+    ap.add_argument("--checks", type=int, default=5000, help="scale mode: prompts checked")
+    ap.add_argument("--compare", action="store_true",
+                    help="scale mode: also build the structure used before (NearDuplicates)")
+    ap.add_argument("--scale-point", nargs=4, metavar=("KIND", "SPEC", "DB", "OUT"),
+                    help=argparse.SUPPRESS)  # one scale point, in its own process
     args = ap.parse_args()
-    folder = workdir(args.keep, "posttrain-contamination-")
     from flows.spec import load_spec
+
+    if args.scale_point:
+        kind, spec_path, db, out = args.scale_point
+        result = scale_point(kind, load_spec(spec_path), Path(db), args.scale, args.checks,
+                             args.seed)
+        Path(out).write_text(json.dumps(result))
+        return
+    folder = workdir(args.keep, "posttrain-contamination-")
+    if args.scale:
+        t0 = time.perf_counter()
+        figures = scale(args, folder)
+        figures["wall_s"] = round(time.perf_counter() - t0, 1)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(json.dumps(figures))
+        return
 
     t0 = time.perf_counter()
     db, spec_path = demo_copy(folder)

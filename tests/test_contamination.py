@@ -138,3 +138,68 @@ def test_a_bad_threshold_names_its_field():
         parse_spec(data)
     assert any(p.startswith("contamination.threshold") for p in e.value.problems)
     assert parse_spec(DEMO).contamination.enabled is True  # the demo spec as it is
+
+
+# ── the compact index gives NearDuplicates' verdicts ─────────────────────────────────────────
+def test_signature_is_datasketchs_minhash_of_the_shingles():
+    """The index hashes each shingle once (SHA-1); its MinHash is datasketch's default one."""
+    from datasketch import MinHash
+
+    from agents.text_diversity import shingles
+    from flows.contamination import HeldOutIndex, shingle_hashes
+
+    text = "Title: Shares jump\nLead: Carmaker shares jumped 5% after record profits, it said."
+    index = HeldOutIndex([], threshold=0.3)
+    reference = MinHash(num_perm=256, seed=1)
+    reference.update_batch([s.encode("utf-8") for s in shingles(text, 2)])
+    assert (index._signature(shingle_hashes(text, 2)) == reference.hashvalues).all()
+    assert len(shingle_hashes(text, 2)) == len(shingles(text, 2))  # no 64-bit collision
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.15, 0.5])  # bands of 2, 1 and 3 rows
+def test_verdicts_are_those_of_near_duplicates(rows, threshold):
+    """Every verdict (which held-out prompt, its exact similarity) of the compact index equals
+    that of NearDuplicates, the structure it replaces, over the warehouse's rows and edited
+    copies of held-out rows."""
+    from agents.text_diversity import NearDuplicates
+    from flows.contamination import HeldOutIndex, _excerpt
+
+    _, spec, held, others = rows
+    prompts = [render_prompt(spec, r) for r in held]
+    index = HeldOutIndex(prompts, threshold)
+    near = NearDuplicates(threshold=threshold, num_perm=256, ngram=2)
+    for k, prompt in enumerate(prompts):
+        near.add(str(k), prompt)
+    rng = random.Random(1)
+    texts = [render_prompt(spec, r) for r in others]
+    for n, row in enumerate(held):
+        title, body = EDITS[sorted(EDITS)[n % len(EDITS)]](row["title"], row["body"], rng)
+        texts.append(render_prompt(spec, {**row, "title": title, "body": body}))
+    found = 0
+    for text in texts:
+        hit = near.find(text)
+        want = None if hit is None else (_excerpt(near.text_of(hit[0])), hit[1])
+        assert index.match(text) == want
+        found += want is not None
+    assert len(index) == len(held) and found >= len(held) * 0.9
+
+
+def test_an_empty_index_matches_nothing():
+    from flows.contamination import HeldOutIndex
+
+    index = HeldOutIndex(iter([]), threshold=0.3)
+    assert len(index) == 0 and index.match("Title: anything\nLead: at all") is None
+
+
+def test_scale_point_builds_both_structures_with_the_same_verdicts(small_warehouse_url):
+    """bench/contamination.py --scale's work, small: made-up held-out prompts indexed by the
+    compact index ("after") and by NearDuplicates ("before"), the same verdicts."""
+    from bench.contamination import scale_point
+
+    db = small_warehouse_url.removeprefix("sqlite:///")
+    spec = parse_spec(DEMO)
+    after, verdicts = scale_point("after", spec, db, 300, 60, 0)
+    before, old = scale_point("before", spec, db, 300, 60, 0)
+    assert verdicts == old
+    assert after["copies_removed"] == before["copies_removed"] >= 10  # of 12 edited copies
+    assert after["fresh_removed"] == before["fresh_removed"] <= 2  # of 48 made-up rows
