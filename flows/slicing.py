@@ -390,13 +390,20 @@ def without_rows(slice: SliceDescriptor, row_ids: Iterable[Any], slice_id: str) 
     Its ids (the slice's, less these, compared by `_normalise_row_id`) are written as a new
     part of the same plan; ids given twice or not in the slice change nothing."""
     done = {_normalise_row_id(r) for r in row_ids}
-    keep = [m for m in slice_members(slice) if m not in done]
+    return _with_members(slice, [m for m in slice_members(slice) if m not in done], slice_id,
+                         "topup")
+
+
+def _with_members(slice: SliceDescriptor, keep: list, slice_id: str, why: str
+                  ) -> SliceDescriptor:
+    """`slice` as `slice_id` over the ids `keep`, written as a new part of the same plan
+    (`why`: the key naming what the part is for)."""
     r = slice.members
     part = f"{slice_id}@{uuid.uuid4().hex[:8]}"  # never an existing part: cached reads stay true
     member_store(r.url).add_members(r.plan_id, [(part, 0, keep)])
     return slice.model_copy(update={
         "slice_id": slice_id,
-        "key": {**slice.key, "topup": slice_id},
+        "key": {**slice.key, why: slice_id},
         "members": MembersRef(url=r.url, plan_id=r.plan_id, part=part, lo=0, hi=len(keep)),
         "row_count": len(keep),
     })
@@ -408,13 +415,5 @@ def only_rows(slice: SliceDescriptor, row_ids: Iterable[Any], slice_id: str) -> 
     these, compared by `_normalise_row_id`, in the slice's order) are written as a new part
     of the same plan; ids given twice or not in the slice change nothing."""
     wanted = {_normalise_row_id(r) for r in row_ids}
-    keep = [m for m in slice_members(slice) if m in wanted]
-    r = slice.members
-    part = f"{slice_id}@{uuid.uuid4().hex[:8]}"  # never an existing part: cached reads stay true
-    member_store(r.url).add_members(r.plan_id, [(part, 0, keep)])
-    return slice.model_copy(update={
-        "slice_id": slice_id,
-        "key": {**slice.key, "probe": slice_id},
-        "members": MembersRef(url=r.url, plan_id=r.plan_id, part=part, lo=0, hi=len(keep)),
-        "row_count": len(keep),
-    })
+    return _with_members(slice, [m for m in slice_members(slice) if m in wanted], slice_id,
+                         "probe")
