@@ -58,6 +58,8 @@ def test_baseline_and_promotion_are_the_spec_rule(spec):
         expected = decide_promotion(final, champion, metric=rule.metric,
                                     min_improvement=rule.min_improvement,
                                     max_label_drop=rule.max_label_drop,
+                                    max_slice_drop=rule.max_slice_drop,
+                                    min_slice_rows=rule.min_slice_rows,
                                     baseline=base["majority_baseline"],
                                     min_over_baseline=rule.min_over_baseline)
         assert kind.decide(ev) == expected
