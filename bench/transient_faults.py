@@ -24,6 +24,8 @@ Figures (the last line printed, one JSON object):
     answered_unrecorded_at_kill   clean answers delivered before the kill minus the completed
                               calls the store held then (0 when the kill waited for them)
     in_flight_at_kill         answers the proxy wrote after the kill, to the dead client
+    in_flight_drained         the proxy had answered every request of the killed run
+                              before the restart (the restart time is taken after them)
     kill_with_every_answer_recorded   false if no such moment came within 60 s (killed anyway)
     duplicate_examples        accepted examples stored more than once. Wanted: 0
     accepted_set_equal_to_clean_run   the (row_id, label) pairs accepted equal the clean run's
@@ -331,6 +333,9 @@ def measure(args: argparse.Namespace, tmp: Path, warehouse: str, rows: int, secr
         spec = spec_for(warehouse, p.url, tmp, "faulted", quick=quick)
         kill = run_and_kill(spec, out, env, tmp, p, proxy_log, kill_at, timeout)
         print(json.dumps({k: v for k, v in kill.items() if k != "killed_at"}), flush=True)
+        # the killed run's requests in flight are answered to its dead sockets first (a
+        # held answer can be logged a moment after the kill): the restart comes after them
+        kill["in_flight_drained"] = p.wait_idle(60)
         restarted = time.time()
         summary = run_to_end(spec, out, env, "faulted-resumed", tmp, timeout)
         stats, teacher_stats = p.snapshot(), t.stats()
@@ -354,6 +359,7 @@ def measure(args: argparse.Namespace, tmp: Path, warehouse: str, rows: int, secr
         "clean_requests_repeated": repeated_clean(lines, dead),
         "answered_unrecorded_at_kill": len(before) - kill["completed_calls_at_kill"],
         "in_flight_at_kill": sum(1 for x in lines if dead[0] < x["t"] < dead[1]),
+        "in_flight_drained": kill["in_flight_drained"],
         "kill_with_every_answer_recorded": kill["kill_with_every_answer_recorded"],
         "duplicate_examples": len(pairs) - len({r for r, _ in pairs}),
         "accepted": len(pairs),

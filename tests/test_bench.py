@@ -86,6 +86,7 @@ def test_transient_faults_quick_resumes_through_faults_and_a_kill(tmp_path):
     assert f["faults"] > 0 and f["requests"] > f["faults"]
     assert f["resumed"] is True and f["cache_hits"] > 0
     assert f["kill_with_every_answer_recorded"] is True
+    assert f["in_flight_drained"] is True
     assert 0 < f["accepted_at_kill"] < f["accepted"]
     assert f["clean_requests_repeated"] == 0 and f["answered_unrecorded_at_kill"] == 0
     assert f["duplicate_examples"] == 0

@@ -109,7 +109,9 @@ def test_holdout_is_chosen_by_hash_of_id(small_warehouse_url):
     got = [r["id"] for r in rows]
     assert got == sorted(holdout_ids(ids))
     assert 0.10 < len(got) / len(ids) < 0.26  # ~18% of 200
-    assert set(rows[0]) == {"id", "title", "body", "topic"}  # template columns + gold, trusted
+    # template columns + gold (trusted) + the slicing column (the row's slice group, for
+    # promotion's per-slice limit): nothing else leaves the warehouse
+    assert set(rows[0]) == {"id", "title", "body", "topic", spec.slicing.column}
     cond, params = holdout_predicate(spec, engine)
     with engine.connect() as conn:
         n = conn.execute(sa.text(f"SELECT count(*) FROM articles WHERE {cond}"), params).scalar()

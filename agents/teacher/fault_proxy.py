@@ -85,6 +85,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._delivery = threading.Lock()  # held while an answer is logged and written
+        self._busy = 0  # requests being handled (forwarded, answered), under _lock
         self._rates = {f: 0.0 for f in FAULTS}
         self._retry_after_s = 1.0
         self._stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
@@ -125,6 +126,19 @@ class FaultProxy:
         transient-faults bench kills one here, once it has recorded every answer it got)."""
         with self._delivery:
             yield
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no request is being handled (each answered, to a live client or a dead
+        one); False if some still were after `timeout` seconds. After a client is killed,
+        its requests in flight end here: what is logged from then on was sent after them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._busy == 0:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
 
     def start(self) -> Self:
         if self._thread is not None:
@@ -206,7 +220,13 @@ class FaultProxy:
                 pass
 
             def do_GET(self) -> None:
-                self._handle()
+                with proxy._lock:
+                    proxy._busy += 1
+                try:
+                    self._handle()
+                finally:
+                    with proxy._lock:
+                        proxy._busy -= 1
 
             do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
